@@ -1,0 +1,23 @@
+"""acn-kernels: fused kernels for Associative Compression Networks in PyTorch.
+
+Public ops: :func:`masked_topk`, :func:`mixture_log_prob`, :func:`acn_kl`; :func:`backends` says
+which backends ("cpu", "cuda", "triton", "torch") can run here; :data:`MAX_K` is the largest k.
+"""
+
+from . import _ext  # noqa: F401  (loads _C, registering the C++ ops, or warns once)
+from ._backend import backends
+from .nn import KNNLayer, MixtureNLLLoss
+from .ops import MAX_K, MaskedTopK, acn_kl, masked_topk, mixture_log_prob
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_K",
+    "KNNLayer",
+    "MaskedTopK",
+    "MixtureNLLLoss",
+    "acn_kl",
+    "backends",
+    "masked_topk",
+    "mixture_log_prob",
+]

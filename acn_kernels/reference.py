@@ -1,0 +1,122 @@
+"""Plain-PyTorch implementations of the ops: the "torch" backend and the oracle of the tests.
+
+Differentiable through autograd, float64-capable, and written for clarity over speed. Both follow
+the contracts of DESIGN.md exactly (masks, ties, padding, -inf rows), so every kernel is compared
+against them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32 (the accumulation and result dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mixture_log_prob_per_dim(
+    z: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """log p(z_d) per dimension, [B, D], in the accumulation dtype.
+
+    z [B, D]; logits, means, log_scales [B, D, M]. A row whose every term is -inf gives -inf with
+    zero gradients (torch.logsumexp already guarantees both).
+    """
+    dt = acc_dtype(z.dtype)
+    z, logits, means, log_scales = (t.to(dt) for t in (z, logits, means, log_scales))
+    u = (z.unsqueeze(-1) - means) * torch.exp(-log_scales)
+    log_n = -0.5 * u * u - log_scales - HALF_LOG_2PI
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1) + log_n, dim=-1)
+
+
+def mixture_log_prob(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    means: torch.Tensor,
+    log_scales: torch.Tensor,
+    per_dim: bool = False,
+) -> torch.Tensor:
+    """sum_d log p(z_d) [B] (or [B, D] with per_dim=True)."""
+    lp = mixture_log_prob_per_dim(z, logits, means, log_scales)
+    return lp if per_dim else lp.sum(-1)
+
+
+def acn_kl(
+    z: torch.Tensor,
+    code: torch.Tensor,
+    logits: torch.Tensor,
+    means: torch.Tensor,
+    log_scales: torch.Tensor,
+) -> torch.Tensor:
+    """KL estimate log N(z; code, I) - log p(z | prior), [B]."""
+    dt = acc_dtype(z.dtype)
+    e = z.to(dt) - code.to(dt)
+    log_q = (-0.5 * e * e - HALF_LOG_2PI).sum(-1)
+    return log_q - mixture_log_prob(z, logits, means, log_scales)
+
+
+def _eligible_dists(q: torch.Tensor, b: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Exact squared distances [B, C] ((q - b)^2 summed, no expansion); +inf where a side is not
+    finite; a finite pair that overflows gets ``fmax``."""
+    d = (q.unsqueeze(1) - b.unsqueeze(0)).square().sum(-1)
+    d = torch.where(torch.isinf(d), torch.full_like(d, fmax), d)
+    ok = torch.isfinite(q).all(-1).unsqueeze(1) & torch.isfinite(b).all(-1).unsqueeze(0)
+    return torch.where(ok, d, torch.full_like(d, math.inf))
+
+
+def masked_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    exclude_mask: torch.Tensor | None = None,
+    exclude_index: torch.Tensor | None = None,
+    chunk_elems: int = 1 << 22,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked top-k by exact distances, bank chunk by chunk (never B x N at once).
+
+    Returns (dists [B, k] in the accumulation dtype, indices [B, k] int64), sorted by
+    (distance, row); padding dists=+inf, indices=-1. dists are differentiable with respect to
+    queries and bank (recomputed from the selected rows).
+    """
+    dt = acc_dtype(queries.dtype)
+    fmax = torch.finfo(torch.float32).max if dt == torch.float32 else torch.finfo(dt).max
+    nb, dim = queries.shape
+    n = bank.shape[0]
+    q = queries.detach().to(dt)
+    bk = bank.detach().to(dt)
+    best_d = torch.full((nb, 0), math.inf, dtype=dt, device=q.device)
+    best_i = torch.full((nb, 0), -1, dtype=torch.long, device=q.device)
+    step = max(1, chunk_elems // max(1, nb * max(dim, 1)))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        d = _eligible_dists(q, bk[s:e], fmax)
+        idx = torch.arange(s, e, device=q.device).expand(nb, -1)
+        if exclude_mask is not None:
+            d = d.masked_fill(exclude_mask[s:e].unsqueeze(0), math.inf)
+        if exclude_index is not None:
+            d = d.masked_fill(idx == exclude_index.unsqueeze(1), math.inf)
+        # Earlier chunks hold smaller rows, so a stable sort by distance breaks ties by row.
+        cat_d = torch.cat([best_d, d], 1)
+        cat_i = torch.cat([best_i, idx], 1)
+        order = torch.sort(cat_d, dim=1, stable=True).indices[:, :k]
+        best_d, best_i = cat_d.gather(1, order), cat_i.gather(1, order)
+    pad = torch.isinf(best_d)
+    best_i = best_i.masked_fill(pad, -1)
+    if best_d.shape[1] < k:  # only when N < k, which the public op rejects; kept for shards
+        extra = k - best_d.shape[1]
+        best_d = torch.cat([best_d, best_d.new_full((nb, extra), math.inf)], 1)
+        best_i = torch.cat([best_i, best_i.new_full((nb, extra), -1)], 1)
+    # Differentiable distances of the selected pairs; padded entries are cut off before the
+    # arithmetic so that their (zero) gradient cannot pick up a NaN from the row they point at.
+    valid = best_i >= 0
+    sel = bank.to(dt)[best_i.clamp_min(0)]
+    diff = torch.where(valid.unsqueeze(-1), queries.to(dt).unsqueeze(1) - sel, 0.0)
+    exact = diff.square().sum(-1)
+    exact = torch.where(torch.isinf(exact), torch.full_like(exact, fmax), exact)
+    dists = torch.where(valid, exact, torch.full_like(exact, math.inf))
+    return dists, best_i

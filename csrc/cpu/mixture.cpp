@@ -1,0 +1,209 @@
+// CPU kernels of the mixture log-likelihood (forward and backward) and the ACN KL on top of it.
+//
+// Work split: at::parallel_for over rows b; inside a row, blocks of kLanes consecutive dimensions
+// are processed lane-wise (the innermost loops run over lanes, with no branches and the
+// vectorisable acn_exp/acn_log of acn_math.h, so GCC emits SIMD code for them). Components are
+// consumed in chunks of kChunk with an online log-sum-exp, so any M works with a fixed buffer.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "../utils.h"
+#include "acn_math.h"
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kChunk = 16;
+
+struct MixtureArgs {
+  int64_t B, D, M;
+  bool per_dim;
+};
+
+// Running log-sum-exp per lane: merge a chunk whose maximum is cmx and whose terms sit in `x`.
+template <typename acc_t>
+inline void lse_merge(acc_t& mx, acc_t& sum, acc_t cmx, const acc_t* x, int64_t cm, int64_t stride) {
+  const acc_t new_mx = acn::max_of(mx, cmx);
+  const acc_t shift = acn::lse_shift(new_mx);
+  // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
+  acc_t s = sum == acc_t(0) ? acc_t(0) : sum * acn::acn_exp(acn::lse_shift(mx) - shift);
+  for (int64_t j = 0; j < cm; ++j) s += acn::acn_exp(x[j * stride] - shift);
+  mx = new_mx;
+  sum = s;
+}
+
+template <typename scalar_t>
+void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
+              const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
+              at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, M = a.M;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t b = b0; b < b1; ++b) {
+    acc_t row = 0;
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+      const int64_t n = std::min(kLanes, D - d0);
+      const int64_t e0 = b * D + d0;
+      acc_t zz[kLanes], mxl[kLanes], sl[kLanes], mxt[kLanes], st[kLanes];
+      acc_t tl[kChunk][kLanes], tt[kChunk][kLanes], cml[kLanes], cmt[kLanes];
+      for (int64_t l = 0; l < n; ++l) {
+        zz[l] = static_cast<acc_t>(z[e0 + l]);
+        mxl[l] = mxt[l] = ninf;
+        sl[l] = st[l] = 0;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+        const int64_t cm = std::min(kChunk, M - m0);
+        for (int64_t l = 0; l < n; ++l) cml[l] = cmt[l] = ninf;
+        for (int64_t j = 0; j < cm; ++j) {
+#pragma omp simd
+          for (int64_t l = 0; l < n; ++l) {
+            const int64_t i = (e0 + l) * M + m0 + j;
+            const acc_t logit = static_cast<acc_t>(lg[i]);
+            const acc_t log_s = static_cast<acc_t>(ls[i]);
+            const acc_t t = acn::joint_term(zz[l], logit, static_cast<acc_t>(mu[i]), log_s,
+                                            acn::acn_exp(-log_s));
+            tl[j][l] = logit;
+            tt[j][l] = t;
+            cml[l] = acn::max_of(cml[l], logit);
+            cmt[l] = acn::max_of(cmt[l], t);
+          }
+        }
+        for (int64_t l = 0; l < n; ++l) {
+          lse_merge(mxl[l], sl[l], cml[l], &tl[0][l], cm, kLanes);
+          lse_merge(mxt[l], st[l], cmt[l], &tt[0][l], cm, kLanes);
+        }
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        const acc_t big_t = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
+        const acc_t lz = acn::lse_finish(acn::lse_shift(mxl[l]), sl[l]);
+        lse[2 * (e0 + l)] = big_t;
+        lse[2 * (e0 + l) + 1] = lz;
+        acc_t v = big_t - lz;
+        if (code) v = acn::std_normal_log_prob(zz[l], static_cast<acc_t>(code[e0 + l])) - v;
+        if (a.per_dim)
+          out[e0 + l] = v;
+        else
+          row += v;
+      }
+    }
+    if (!a.per_dim) out[b] = row;
+  }
+}
+
+template <typename scalar_t>
+void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad, const scalar_t* z,
+              const scalar_t* lg, const scalar_t* mu, const scalar_t* ls, const scalar_t* code,
+              const at::opmath_type<scalar_t>* lse, scalar_t* dz, scalar_t* dlg, scalar_t* dmu,
+              scalar_t* dls, scalar_t* dcode, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, M = a.M;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+      const int64_t n = std::min(kLanes, D - d0);
+      const int64_t e0 = b * D + d0;
+      acc_t zz[kLanes], g[kLanes], gz[kLanes], bt[kLanes], lz[kLanes];
+      for (int64_t l = 0; l < n; ++l) {
+        zz[l] = static_cast<acc_t>(z[e0 + l]);
+        const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
+        g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
+        gz[l] = 0;
+        bt[l] = lse[2 * (e0 + l)];
+        lz[l] = lse[2 * (e0 + l) + 1];
+      }
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < n; ++l) {
+          const int64_t i = (e0 + l) * M + j;
+          acc_t dl, dm, ds;
+          gz[l] += acn::component_grads(g[l], zz[l], static_cast<acc_t>(lg[i]),
+                                        static_cast<acc_t>(mu[i]), static_cast<acc_t>(ls[i]), bt[l],
+                                        lz[l], &dl, &dm, &ds);
+          dlg[i] = static_cast<scalar_t>(dl);
+          dmu[i] = static_cast<scalar_t>(dm);
+          dls[i] = static_cast<scalar_t>(ds);
+        }
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        if (code) {
+          const acc_t e = zz[l] - static_cast<acc_t>(code[e0 + l]);
+          const acc_t go = -g[l];
+          gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
+          dcode[e0 + l] = static_cast<scalar_t>(go * e);
+        }
+        dz[e0 + l] = static_cast<scalar_t>(gz[l]);
+      }
+    }
+  }
+}
+
+// Rows per parallel task: enough elements that thread start-up is amortised.
+int64_t grain_rows(int64_t D, int64_t M) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D * M)); }
+
+std::tuple<at::Tensor, at::Tensor> mixture_fwd_cpu(const at::Tensor& z_, const at::Tensor& logits_,
+                                                   const at::Tensor& means_,
+                                                   const at::Tensor& log_scales_,
+                                                   const c10::optional<at::Tensor>& code_,
+                                                   bool per_dim) {
+  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
+  TORCH_CHECK(z_.device().is_cpu(), "z must be a CPU tensor for the cpu backend");
+  const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
+             ls = log_scales_.contiguous();
+  const at::Tensor code = code_.has_value() ? code_->contiguous() : at::Tensor();
+  const MixtureArgs a{z.size(0), z.size(1), lg.size(2), per_dim};
+  const auto opts = z.options().dtype(acn::acc_dtype(z.scalar_type()));
+  at::Tensor out = per_dim ? acn::new_output({a.B, a.D}, opts) : acn::new_output({a.B}, opts);
+  at::Tensor lse = acn::new_output({a.B, a.D, 2}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mixture_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
+      fwd_rows<scalar_t>(a, z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+                         ls.data_ptr<scalar_t>(), cp, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b0,
+                         b1);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& z_, const at::Tensor& logits_,
+    const at::Tensor& means_, const at::Tensor& log_scales_, const c10::optional<at::Tensor>& code_,
+    const at::Tensor& lse_, bool per_dim) {
+  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
+  const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
+             ls = log_scales_.contiguous();
+  const at::Tensor code = code_.has_value() ? code_->contiguous() : at::Tensor();
+  const MixtureArgs a{z.size(0), z.size(1), lg.size(2), per_dim};
+  const auto acc = acn::acc_dtype(z.scalar_type());
+  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({a.B, a.D, 2}) && lse_.scalar_type() == acc,
+              "lse must be the [B, D, 2] tensor saved by mixture_fwd");
+  const auto grad = grad_.to(acc).contiguous();
+  TORCH_CHECK(grad.numel() == (per_dim ? a.B * a.D : a.B), "grad_out has the wrong shape ",
+              grad.sizes());
+  const auto lse = lse_.contiguous();
+  at::Tensor dz = acn::new_output(z.sizes(), z.options());
+  at::Tensor dlg = acn::new_output(lg.sizes(), lg.options());
+  at::Tensor dmu = acn::new_output(lg.sizes(), lg.options());
+  at::Tensor dls = acn::new_output(lg.sizes(), lg.options());
+  at::Tensor dcode = code.defined() ? acn::new_output(z.sizes(), z.options()) : at::empty({0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mixture_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dcp = code.defined() ? dcode.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
+      bwd_rows<scalar_t>(a, grad.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(),
+                         mu.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), cp, lse.data_ptr<acc_t>(),
+                         dz.data_ptr<scalar_t>(), dlg.data_ptr<scalar_t>(), dmu.data_ptr<scalar_t>(),
+                         dls.data_ptr<scalar_t>(), dcp, b0, b1);
+    });
+  });
+  return {dz, dlg, dmu, dls, dcode};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(acn_kernels, CPU, m) {
+  m.impl("mixture_fwd", &mixture_fwd_cpu);
+  m.impl("mixture_bwd", &mixture_bwd_cpu);
+}

@@ -1,0 +1,166 @@
+// Host/device math shared by the CPU and CUDA kernels: one source for the formulas, so the CPU
+// tests exercise the arithmetic the GPU kernels run. No torch headers here (nvcc compiles it raw).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define ACN_HD __host__ __device__ __forceinline__
+#else
+#define ACN_HD inline
+#endif
+
+namespace acn {
+
+template <typename T>
+ACN_HD T inf_v() {
+  return std::numeric_limits<T>::infinity();
+}
+
+ACN_HD float bits_to_float(int32_t i) {
+  float f;
+  memcpy(&f, &i, sizeof f);
+  return f;
+}
+ACN_HD int32_t float_to_bits(float f) {
+  int32_t i;
+  memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+// exp and log. On the device the CUDA intrinsics' full-precision versions; on the host
+// branch-free Cephes-style polynomials (about 1 ulp), written so that GCC vectorises the lane
+// loops of the CPU kernels around them (glibc's expf/logf would keep those loops scalar).
+ACN_HD float acn_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2. The scale 2^n is applied as
+  // two factors so that n down to -150 (denormal results) and up to 128 stay exact.
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float t = xc * 1.44269504088896341f + magic;
+  const int32_t n = float_to_bits(t) - float_to_bits(magic);
+  const float nf = t - magic;
+  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n1 = n >> 1, n2 = n - n1;
+  float y = p * bits_to_float((n1 + 127) << 23) * bits_to_float((n2 + 127) << 23);
+  y = x < -103.9720840454f ? 0.0f : y;  // below the smallest denormal
+  y = x > 88.7228391117f ? inf_v<float>() : y;
+  return x != x ? x : y;
+#endif
+}
+
+ACN_HD double acn_exp(double x) { return exp(x); }
+
+// log for x == 0, x >= FLT_MIN, inf and NaN (the kernels only take logs of sums >= 1 or == 0).
+ACN_HD float acn_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  const int32_t ix = float_to_bits(x);
+  int32_t e = ((ix >> 23) & 0xff) - 127;
+  float m = bits_to_float((ix & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
+  const bool big = m > 1.41421356237f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f;  // log(1 + f) with f in [-0.29, 0.41]
+  const float z = f * f;
+  float y = 7.0376836292E-2f;
+  y = y * f - 1.1514610310E-1f;
+  y = y * f + 1.1676998740E-1f;
+  y = y * f - 1.2420140846E-1f;
+  y = y * f + 1.4249322787E-1f;
+  y = y * f - 1.6668057665E-1f;
+  y = y * f + 2.0000714765E-1f;
+  y = y * f - 2.4999993993E-1f;
+  y = y * f + 3.3333331174E-1f;
+  y = y * f * z;
+  const float ef = static_cast<float>(e);
+  y = y + ef * -2.12194440e-4f - 0.5f * z;
+  float r = f + y + ef * 0.693359375f;
+  r = x == 0.0f ? -inf_v<float>() : r;
+  r = x == inf_v<float>() ? x : r;
+  return (x != x || x < 0.0f) ? std::numeric_limits<float>::quiet_NaN() : r;
+#endif
+}
+
+ACN_HD double acn_log(double x) { return log(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Mixture of per-dimension Gaussians. For one element (b, d) with components m:
+//   t_m  = logit_m + log N(z; mu_m, sigma_m),  sigma_m = exp(log_s_m)   (the joint term)
+//   T    = logsumexp_m t_m,   Lz = logsumexp_m logit_m,   log p = T - Lz.
+// The kernels take two passes over m: maxima first, then sums of exp(x - max), which keeps every
+// exp argument <= 0. The backward needs T and Lz, which the forward saves.
+
+template <typename T>
+struct Constants {
+  static constexpr T half_log_2pi = T(0.918938533204672741780329736406);
+};
+
+// The joint term, given the precomputed inverse scale exp(-log_s) (u = (z - mu) / sigma).
+// (z - mu) * inv_s rather than a division by sigma: a tiny sigma then overflows u to inf and the
+// term to -inf, the exact limit, instead of producing inf / inf.
+template <typename T>
+ACN_HD T joint_term(T z, T logit, T mu, T log_s, T inv_s) {
+  const T u = (z - mu) * inv_s;
+  return logit - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
+}
+
+ACN_HD float max_of(float a, float b) { return a > b ? a : b; }
+ACN_HD double max_of(double a, double b) { return a > b ? a : b; }
+
+// The shift used for a log-sum-exp: the maximum, or 0 where it is infinite (all terms -inf would
+// otherwise give exp(-inf - -inf) = NaN; +inf terms then give an inf sum, the right limit).
+template <typename T>
+ACN_HD T lse_shift(T mx) {
+  return (mx == inf_v<T>() || mx == -inf_v<T>()) ? T(0) : mx;
+}
+
+// log-sum-exp from its shift and sum of exp(x - shift). sum == 0 (all terms -inf) gives -inf.
+template <typename T>
+ACN_HD T lse_finish(T shift, T sum) {
+  return shift + acn_log(sum);
+}
+
+// Gradients of log p for one component, given the upstream gradient g of log p (already signed:
+// -g for the KL), the saved T and Lz. r = exp(t - T) is the responsibility, w = exp(logit - Lz)
+// the weight. A component with r == 0 (zero weight, or negligible density) gets exactly zero
+// mean and scale gradients even where u is infinite. Returns the contribution to dlog p / dz.
+template <typename T>
+ACN_HD T component_grads(T g, T z, T logit, T mu, T log_s, T big_t, T lz, T* dlogit, T* dmu,
+                         T* dlog_s) {
+  const T inv_s = acn_exp(-log_s);
+  const T u = (z - mu) * inv_s;
+  const T t = logit - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
+  // A row whose every term is -inf (T == -inf) has log p = -inf and, by contract, zero gradients.
+  const bool dead = big_t == -inf_v<T>();
+  const T r = dead ? T(0) : acn_exp(t - big_t);
+  const T w = dead ? T(0) : acn_exp(logit - lz);
+  const T gr = g * r;
+  const T dm = r == T(0) ? T(0) : gr * u * inv_s;
+  *dlogit = g * (r - w);
+  *dmu = dm;
+  *dlog_s = r == T(0) ? T(0) : gr * (u * u - T(1));
+  return -dm;
+}
+
+// log N(z; c, 1) per dimension, for the KL: log N(z; c, I) - log p(z).
+template <typename T>
+ACN_HD T std_normal_log_prob(T z, T c) {
+  const T e = z - c;
+  return -T(0.5) * e * e - Constants<T>::half_log_2pi;
+}
+
+}  // namespace acn
