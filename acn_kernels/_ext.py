@@ -9,6 +9,8 @@ from __future__ import annotations
 import warnings
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 C: ModuleType | None
 LOAD_ERROR: str | None = None
 
@@ -31,6 +33,4 @@ def has_cpu() -> bool:
 
 
 def has_cuda() -> bool:
-    import torch
-
     return C is not None and bool(C.built_with_cuda()) and torch.cuda.is_available()

@@ -52,14 +52,14 @@ def _check_mixture(z: torch.Tensor, params: dict[str, torch.Tensor], code: torch
             raise ValueError(f"{name} has shape {tuple(t.shape)} but z has shape {tuple(z.shape)}")
         if m is None:
             m = t.shape[2]
+            if m == 0:
+                raise ValueError("logits must have at least one component (M >= 1)")
         elif t.shape[2] != m:
             raise ValueError(f"{name} has {t.shape[2]} components but logits has {m}")
         if t.dtype != z.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but z has dtype {z.dtype}")
         if t.device != z.device:
             raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
-    if m == 0:
-        raise ValueError("logits must have at least one component (M >= 1)")
     if code is not None:
         _check_float(code, "code")
         if code.shape != z.shape:

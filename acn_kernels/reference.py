@@ -24,14 +24,28 @@ def mixture_log_prob_per_dim(
 ) -> torch.Tensor:
     """log p(z_d) per dimension, [B, D], in the accumulation dtype.
 
-    z [B, D]; logits, means, log_scales [B, D, M]. A row whose every term is -inf gives -inf with
-    zero gradients (torch.logsumexp already guarantees both).
+    z [B, D]; logits, means, log_scales [B, D, M]. Matches the kernels' contract where plain
+    autograd would produce NaN: a component whose density underflows to zero gets exactly zero
+    mean and scale gradients, and a dimension whose every term is -inf gives -inf with zero
+    gradients. NaN inputs give NaN.
     """
     dt = acc_dtype(z.dtype)
     z, logits, means, log_scales = (t.to(dt) for t in (z, logits, means, log_scales))
-    u = (z.unsqueeze(-1) - means) * torch.exp(-log_scales)
-    log_n = -0.5 * u * u - log_scales - HALF_LOG_2PI
-    return torch.logsumexp(torch.log_softmax(logits, dim=-1) + log_n, dim=-1)
+    zm = z.unsqueeze(-1)
+    with torch.no_grad():
+        u0 = (zm - means) * torch.exp(-log_scales)
+        underflow = torch.isneginf(-0.5 * u0 * u0 - log_scales)
+    # Where the density is exactly zero, evaluate at a harmless point and put -inf back through
+    # torch.where, so the zero gradient is not multiplied by an infinite u.
+    means = torch.where(underflow, zm.detach(), means)
+    log_scales = torch.where(underflow, torch.zeros_like(log_scales), log_scales)
+    u = (zm - means) * torch.exp(-log_scales)
+    log_n = torch.where(underflow, -math.inf, -0.5 * u * u - log_scales - HALF_LOG_2PI)
+    terms = torch.log_softmax(logits, dim=-1) + log_n
+    with torch.no_grad():
+        dead = torch.isneginf(terms).all(-1, keepdim=True)
+    lp = torch.logsumexp(torch.where(dead, torch.zeros_like(terms), terms), dim=-1)
+    return torch.where(dead.squeeze(-1), -math.inf, lp)
 
 
 def mixture_log_prob(
