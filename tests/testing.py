@@ -39,7 +39,8 @@ def backend_params(include_torch: bool = False) -> list:
     for be, dev in runnable_backends():
         if be == "torch" and not include_torch:
             continue
-        out.append(pytest.param(be, dev, id=f"{be}-{dev}"))
+        marks = [pytest.mark.triton] if be == "triton" else []
+        out.append(pytest.param(be, dev, id=f"{be}-{dev}", marks=marks))
     return out
 
 
