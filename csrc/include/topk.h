@@ -16,13 +16,26 @@ ACN_HD bool topk_before(T da, int64_t ia, T db, int64_t ib) {
   return da < db || (da == db && ia < ib);
 }
 
+// The largest finite value of the accumulator type: what an overflowed finite pair reports.
+template <typename T>
+ACN_HD T max_finite_v();
+template <>
+ACN_HD float max_finite_v<float>() {
+  return FLT_MAX;
+}
+template <>
+ACN_HD double max_finite_v<double>() {
+  return DBL_MAX;
+}
+
 // A finite pair's squared distance as the contract wants it: clamped at +0.0 (the expanded form
-// |q|^2 + |b|^2 - 2 q.b can round below zero; -0.0 becomes +0.0) and FLT_MAX where it overflowed
-// (only finite pairs reach here). Works for float and double accumulators.
+// |q|^2 + |b|^2 - 2 q.b can round below zero; -0.0 becomes +0.0) and the largest finite value
+// (FLT_MAX for float, DBL_MAX for the float64 path, as the reference does) where it overflowed
+// (only finite pairs reach here).
 template <typename T>
 ACN_HD T finish_dist(T v) {
   v = v > T(0) ? v : T(0);
-  return v == inf_v<T>() ? T(FLT_MAX) : v;
+  return v == inf_v<T>() ? max_finite_v<T>() : v;
 }
 
 // Insert (d, i) into the sorted list dist/idx of length k (ascending, padded with +inf / -1) if it

@@ -1,0 +1,335 @@
+// CPU kernel of the masked top-K neighbour search (contract: DESIGN.md, masked_topk).
+//
+// Plan of one call:
+//  1. Per bank row, once: |b|^2 in the accumulation type, or NaN when the row is ineligible for
+//     every query (masked, or holding NaN/inf). Per query: |q|^2, NaN when not finite.
+//  2. Work items = (block of kQueryBlock queries) x (chunk of bank rows), run by at::parallel_for.
+//     Splitting the bank into chunks keeps both cores busy when the batch is small (B=1 against a
+//     large bank); each item keeps its own partial top-k list per query.
+//  3. Inside an item, bank tiles of eligible rows only are gathered (masked and non-finite rows are
+//     dropped before any arithmetic), converted to the accumulation type, and multiplied with the
+//     query block by one small GEMM (at::cpu::mm_out, i.e. MKL/oneDNN with their runtime ISA
+//     dispatch, which this file's baseline -O3 flags could not match), all in cache.
+//  4. Selection over the GEMM tile: v = |b|^2 - 2 q.b is rejected with ONE comparison against a
+//     per-query threshold (the current k-th distance plus a rounding band, below). The rare
+//     survivors get their exact distance sum_d (q_d - b_d)^2 and enter the list (sorted insertion
+//     for small k, a max-heap for large k; topk.h).
+//  5. Merge of the per-chunk lists of each query.
+//
+// Why the band: the expanded form |q|^2 + |b|^2 - 2 q.b rounds differently from the direct form,
+// with an error that depends on where a row sits in the GEMM tile, so near-ties could be reordered
+// and exact ties (duplicate rows) broken arbitrarily. The expanded form therefore only filters:
+// a row is rejected only when it provably cannot beat the k-th exact distance, with the error bound
+// c * (|q|^2 + |b|^2 + kth) of the expanded form plus that of the exact one. Every distance that is
+// reported or compared is the exact (direct-form) one, computed the same way for every position,
+// so the result is the direct-form selection: ascending, ties to the smaller row.
+//
+// Extra memory: O(N) row norms, O(B * D) converted queries, O(B * k * chunks) partial lists and
+// per-thread tiles; never B x N. All offsets are int64.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../utils.h"
+#include "topk.h"
+
+namespace {
+
+constexpr int64_t kQueryBlock = 64;     // queries per GEMM tile
+constexpr int64_t kTileElems = 1 << 15;  // bank tile size in elements (rows * D): 128 KiB of floats
+constexpr int64_t kMinTileRows = 64;
+constexpr int64_t kMaxTileRows = 2048;
+constexpr int kSortedMaxK = 32;  // sorted insertion up to this k, the heap above
+constexpr int64_t kGroup = 16;   // the selection scan tests this many columns per branch
+
+int64_t tile_rows(int64_t D) {
+  return std::clamp<int64_t>(kTileElems / std::max<int64_t>(D, 1), kMinTileRows, kMaxTileRows);
+}
+
+// Relative error bound of the expanded-form filter, as a multiple of (|q|^2 + |b|^2 + kth):
+// gamma_D for each norm, the dot product and the exact sum, plus the additions, doubled for margin.
+template <typename acc_t>
+acc_t band_coef(int64_t D) {
+  return acc_t(8 * D + 64) * (std::numeric_limits<acc_t>::epsilon() / 2);
+}
+
+// Absolute part of the band: products that underflow lose up to the smallest normal each.
+template <typename acc_t>
+acc_t band_abs(int64_t D) {
+  return acc_t(D + 8) * std::numeric_limits<acc_t>::min();
+}
+
+// (x - x) == 0 is false exactly for NaN and +-inf, and it vectorises (std::isfinite may not).
+template <typename acc_t>
+inline bool finite_v(acc_t x) {
+  return x - x == acc_t(0);
+}
+
+template <typename acc_t>
+inline acc_t exact_dist(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t t = a[d] - b[d];
+    s += t * t;
+  }
+  return s;
+}
+
+template <typename acc_t>
+struct Problem {
+  int64_t B, N, D, k;
+  int64_t bs0, bs1;      // bank strides (elements): any layout is read in place, never copied
+  const acc_t* q;        // [B, D] queries in acc_t, contiguous
+  const acc_t* qn;       // [B] |q|^2, NaN for a query that is not finite
+  const acc_t* bn;       // [N] |b|^2, NaN for a row no query may pair with
+  const int64_t* excl;   // [B] row each query skips (-1: none), or nullptr
+  int64_t tile;          // bank rows per tile
+  int64_t nchunks;       // bank chunks
+  acc_t* part_d;         // [nchunks, B, k] partial lists, sorted ascending
+  int64_t* part_i;
+};
+
+// The list of one query: sorted ascending for small k, a max-heap (root = worst) for large k.
+template <typename acc_t>
+struct QueryList {
+  acc_t* d;
+  int64_t* i;
+  int k;
+  bool heap;
+  acc_t worst() const { return heap ? d[0] : d[k - 1]; }
+  void insert(acc_t dist, int64_t row) const {
+    if (heap)
+      acn::topk_heap_replace_top(d, i, k, dist, row);
+    else
+      acn::topk_insert_sorted(d, i, k, dist, row);
+  }
+  // Heap order -> ascending (distance, row); padding (+inf, -1) ends up last.
+  void finish() const {
+    if (!heap) return;
+    std::vector<std::pair<acc_t, int64_t>> tmp(k);
+    for (int j = 0; j < k; ++j) tmp[j] = {d[j], i[j]};
+    std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
+      return acn::topk_before(a.first, a.second, b.first, b.second);
+    });
+    for (int j = 0; j < k; ++j) {
+      d[j] = tmp[j].first;
+      i[j] = tmp[j].second;
+    }
+  }
+};
+
+// Per-thread buffers, reused across the items a thread runs.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> tile, tile_norm, gram;
+  std::vector<int64_t> rows;
+  Scratch(int64_t tile_rows, int64_t D)
+      : tile(tile_rows * std::max<int64_t>(D, 1)), tile_norm(tile_rows),
+        gram(kQueryBlock * tile_rows), rows(tile_rows) {}
+};
+
+// One work item: queries [q0, q1) against bank rows [r0, r1), into chunk c's partial lists.
+template <typename scalar_t, typename acc_t>
+void search_item(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1, int64_t r0,
+                 int64_t r1, int64_t c, Scratch<acc_t>& S) {
+  const int64_t D = P.D, nq = q1 - q0;
+  const int k = static_cast<int>(P.k);
+  const bool heap = k > kSortedMaxK;
+  const acc_t inf = acn::inf_v<acc_t>();
+  const acc_t coef = band_coef<acc_t>(D), cabs = band_abs<acc_t>(D);
+  auto list = [&](int64_t b) {
+    const int64_t off = (c * P.B + b) * P.k;
+    return QueryList<acc_t>{P.part_d + off, P.part_i + off, k, heap};
+  };
+  for (int64_t b = q0; b < q1; ++b) {
+    const auto L = list(b);
+    std::fill(L.d, L.d + k, inf);
+    std::fill(L.i, L.i + k, int64_t(-1));
+  }
+  const auto opts = c10::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor qt = at::from_blob(const_cast<acc_t*>(P.q + q0 * D), {nq, D}, opts);
+  int64_t r = r0;
+  while (r < r1) {
+    // Gather the next tile of eligible rows (ineligible ones cost one load of their norm).
+    int64_t n = 0;
+    acc_t nb_max = 0;
+    for (; r < r1 && n < P.tile; ++r) {
+      const acc_t nb = P.bn[r];
+      if (nb != nb) continue;
+      acc_t* dst = S.tile.data() + n * D;
+      const scalar_t* src = bank + r * P.bs0;
+      if (P.bs1 == 1) {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * P.bs1]);
+      }
+      S.tile_norm[n] = nb;
+      S.rows[n] = r;
+      nb_max = std::max(nb_max, nb);
+      ++n;
+    }
+    if (n == 0) break;
+    at::Tensor gt = at::from_blob(S.gram.data(), {nq, n}, opts);
+    at::cpu::mm_out(gt, qt, at::from_blob(S.tile.data(), {n, D}, opts).t());
+    const acc_t* tn = S.tile_norm.data();
+    for (int64_t b = q0; b < q1; ++b) {
+      const acc_t qn = P.qn[b];
+      if (qn != qn) continue;  // a query holding NaN/inf pairs with nothing
+      const auto L = list(b);
+      const acc_t* g = S.gram.data() + (b - q0) * n;
+      const acc_t* qrow = P.q + b * D;
+      const int64_t skip = P.excl ? P.excl[b] : -1;
+      const acc_t base = coef * (qn + nb_max) + cabs - qn;
+      // Reject when |b|^2 - 2 q.b > thr, i.e. expanded distance > kth + band. NaN or +inf from
+      // overflow never satisfies ">" against +inf, so such pairs fall through to the exact path.
+      acc_t thr = L.worst() * (1 + coef) + base;
+      auto consider = [&](int64_t j) {
+        const int64_t row = S.rows[j];
+        if (row == skip) return;
+        L.insert(acn::finish_dist(exact_dist(qrow, S.tile.data() + j * D, D)), row);
+        thr = L.worst() * (1 + coef) + base;
+      };
+      int64_t j = 0;
+      for (; j + kGroup <= n; j += kGroup) {
+        bool any = false;
+        for (int64_t l = 0; l < kGroup; ++l) any |= !(tn[j + l] - 2 * g[j + l] > thr);
+        if (!any) continue;
+        for (int64_t l = 0; l < kGroup; ++l)
+          if (!(tn[j + l] - 2 * g[j + l] > thr)) consider(j + l);
+      }
+      for (; j < n; ++j)
+        if (!(tn[j] - 2 * g[j] > thr)) consider(j);
+    }
+  }
+  for (int64_t b = q0; b < q1; ++b) list(b).finish();
+}
+
+// Query b's final list from its nchunks sorted partial lists (a k-way merge).
+template <typename acc_t>
+void merge_query(const Problem<acc_t>& P, int64_t b, acc_t* out_d, int64_t* out_i) {
+  const int64_t k = P.k, C = P.nchunks;
+  std::vector<int64_t> head(C, 0);
+  for (int64_t p = 0; p < k; ++p) {
+    int64_t best = -1;
+    acc_t bd = 0;
+    int64_t bi = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      if (head[c] >= k) continue;
+      const int64_t off = (c * P.B + b) * k + head[c];
+      if (best < 0 || acn::topk_before(P.part_d[off], P.part_i[off], bd, bi)) {
+        best = c;
+        bd = P.part_d[off];
+        bi = P.part_i[off];
+      }
+    }
+    ++head[best];
+    out_d[b * k + p] = bd;
+    out_i[b * k + p] = bi;
+  }
+}
+
+template <typename scalar_t>
+void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+         const c10::optional<at::Tensor>& exclude_mask,
+         const c10::optional<at::Tensor>& exclude_index, at::Tensor& out_d, at::Tensor& out_i) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = queries.size(0), N = bank.size(0), D = queries.size(1);
+  const at::Tensor q = queries.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const at::Tensor mask = exclude_mask.has_value() ? exclude_mask->contiguous() : at::Tensor();
+  const at::Tensor excl = exclude_index.has_value() ? exclude_index->contiguous() : at::Tensor();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const scalar_t* bp = bank.data_ptr<scalar_t>();
+  const int64_t bs0 = bank.stride(0), bs1 = bank.stride(1);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+
+  std::vector<acc_t> qn(B), bn(N);
+  const acc_t* qp = q.data_ptr<acc_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t s = 0;
+    bool ok = true;
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t x = qp[b * D + d];
+      ok &= finite_v(x);
+      s += x * x;
+    }
+    qn[b] = ok ? s : nan;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (mp && mp[r]) {
+        bn[r] = nan;
+        continue;
+      }
+      const scalar_t* row = bp + r * bs0;
+      acc_t s = 0;
+      bool ok = true;
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t x = static_cast<acc_t>(row[d * bs1]);
+        ok &= finite_v(x);
+        s += x * x;
+      }
+      bn[r] = ok ? s : nan;  // a finite row's norm may overflow to +inf: still eligible
+    }
+  });
+
+  // Enough items that every thread has work even for one query block; chunks no smaller than two
+  // tiles, so that the GEMM and selection stay efficient.
+  const int64_t nqb = (B + kQueryBlock - 1) / kQueryBlock;
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile = tile_rows(D);
+  const int64_t want = threads > 1 ? (4 * threads + nqb - 1) / nqb : 1;
+  const int64_t nchunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, N / (2 * tile)));
+  const int64_t chunk = (N + nchunks - 1) / nchunks;
+
+  std::vector<acc_t> part_d(nchunks * B * k);
+  std::vector<int64_t> part_i(nchunks * B * k);
+  Problem<acc_t> P{B, N, D, k, bs0, bs1, qp, qn.data(), bn.data(),
+                   excl.defined() ? excl.data_ptr<int64_t>() : nullptr, tile, nchunks,
+                   part_d.data(), part_i.data()};
+
+  at::parallel_for(0, nqb * nchunks, 1, [&](int64_t w0, int64_t w1) {
+    Scratch<acc_t> S(tile, D);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t qb = w / nchunks, c = w % nchunks;
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(B, q0 + kQueryBlock);
+      const int64_t r0 = std::min(N, c * chunk), r1 = std::min(N, r0 + chunk);
+      search_item<scalar_t, acc_t>(P, bp, q0, q1, r0, r1, c, S);
+    }
+  });
+
+  acc_t* od = out_d.data_ptr<acc_t>();
+  int64_t* oi = out_i.data_ptr<int64_t>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (k * nchunks)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) merge_query(P, b, od, oi);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_topk_cpu(const at::Tensor& queries,
+                                                   const at::Tensor& bank, int64_t k,
+                                                   const c10::optional<at::Tensor>& exclude_mask,
+                                                   const c10::optional<at::Tensor>& exclude_index) {
+  acn::check_topk_args(queries, bank, k, exclude_mask, exclude_index);
+  TORCH_CHECK(queries.device().is_cpu(), "queries must be a CPU tensor for the cpu backend, got ",
+              queries.device());
+  const int64_t B = queries.size(0);
+  const auto acc = acn::acc_dtype(queries.scalar_type());
+  at::Tensor out_d = acn::new_output({B, k}, queries.options().dtype(acc));
+  at::Tensor out_i = acn::new_output({B, k}, queries.options().dtype(at::kLong));
+  if (B == 0) return {out_d, out_i};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(),
+                                  "masked_topk_cpu", [&] {
+    run<scalar_t>(queries, bank, k, exclude_mask, exclude_index, out_d, out_i);
+  });
+  return {out_d, out_i};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(acn_kernels, CPU, m) { m.impl("masked_topk", &masked_topk_cpu); }
