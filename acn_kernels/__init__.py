@@ -6,13 +6,20 @@ which backends ("cpu", "cuda", "triton", "torch") can run here; :data:`MAX_K` is
 
 from . import _ext  # noqa: F401  (loads _C, registering the C++ ops, or warns once)
 from ._backend import backends
+from .bank import CodeBank, Neighbours
+from .models import ACN, VAE, MixturePrior
 from .nn import KNNLayer, MixtureNLLLoss
 from .ops import MAX_K, MaskedTopK, acn_kl, masked_topk, mixture_log_prob
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACN",
     "MAX_K",
+    "VAE",
+    "CodeBank",
+    "MixturePrior",
+    "Neighbours",
     "KNNLayer",
     "MaskedTopK",
     "MixtureNLLLoss",

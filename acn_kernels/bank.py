@@ -1,0 +1,238 @@
+"""The code bank: one stored code per training example, and the pass's unique-neighbour rule.
+
+:class:`CodeBank` implements steps 1-5 of the batch in DESIGN.md ("The model, as the library
+implements it"): write the batch's fresh codes, then resolve one neighbour per query in batch
+order, with counter-based picks, the end-of-pass fallback and chunking beyond ``MAX_K``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import rng
+from .ops import MAX_K, MaskedTopK, masked_topk
+
+
+class Neighbours(NamedTuple):
+    """Result of :meth:`CodeBank.neighbours`: codes [B, D] (the picked rows' stored codes, in the
+    bank's dtype, no gradient) and rows [B] int64 (which bank row each query picked)."""
+
+    codes: torch.Tensor
+    rows: torch.Tensor
+
+
+class CodeBank(nn.Module):
+    """Codes of every training example [N, D] and the rows used as neighbours in the current pass.
+
+    Args:
+        num_codes: N, the number of training examples (rows), at least 2.
+        code_dim: D.
+        k: K, how many nearest eligible rows each query draws its neighbour from (default 5).
+        seed: seeds the counter-based neighbour picks (:mod:`acn_kernels.rng`).
+        max_search_k: the largest k of one :func:`~acn_kernels.masked_topk` call (default and
+            maximum ``MAX_K``). A batch of G queries needs K + G - 1 candidates per query to be
+            exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.
+        backend: passed to :func:`~acn_kernels.masked_topk` (None = automatic dispatch).
+
+    Buffers (moved by ``.to()``, saved by ``state_dict``): ``codes`` [N, D] float32, initialised
+    N(0, 1) from ``seed``; ``used`` [N] bool. The pass index, the fallback count, K and the seed
+    travel in the state_dict's extra state.
+
+    Which rows query b may pick (DESIGN.md): not its own row, not used earlier in this pass, not
+    taken by queries 0..b-1 of the batch. Its candidates are the K nearest such rows by (distance,
+    row); with n_b of them (n_b <= K) it picks candidate floor(u_b * n_b), u_b the uniform of
+    (seed, pass, index[b]). If n_b = 0 (only possible at the very end of a pass) the used mask is
+    ignored for that query, its own row still excluded, and :attr:`fallbacks` counts it.
+    Within a pass the neighbour map is then (barring a fallback) injective without fixed points.
+    """
+
+    codes: torch.Tensor
+    used: torch.Tensor
+
+    def __init__(
+        self,
+        num_codes: int,
+        code_dim: int,
+        k: int = 5,
+        seed: int = 0,
+        *,
+        max_search_k: int = MAX_K,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_codes < 2:
+            raise ValueError(f"num_codes must be >= 2 (a row cannot be its own neighbour), got {num_codes}")
+        if code_dim < 1:
+            raise ValueError(f"code_dim must be >= 1, got {code_dim}")
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must lie in [1, MAX_K={MAX_K}], got {k}")
+        if not k <= max_search_k <= MAX_K:
+            raise ValueError(f"max_search_k must lie in [k={k}, MAX_K={MAX_K}], got {max_search_k}")
+        self.num_codes, self.code_dim, self.k, self.seed = int(num_codes), int(code_dim), int(k), int(seed)
+        self.max_search_k = int(max_search_k)
+        self.backend = backend
+        self.pass_index = 0
+        self.fallbacks = 0
+        gen = torch.Generator().manual_seed(self.seed)
+        self.register_buffer("codes", torch.randn(num_codes, code_dim, generator=gen))
+        self.register_buffer("used", torch.zeros(num_codes, dtype=torch.bool))
+
+    # ---------------------------------------------------------------------------------------
+    # State
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"pass_index": self.pass_index, "fallbacks": self.fallbacks, "k": self.k, "seed": self.seed}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        if int(state["k"]) != self.k:
+            raise ValueError(f"state_dict has k={state['k']} but this bank has k={self.k}")
+        self.pass_index = int(state["pass_index"])
+        self.fallbacks = int(state["fallbacks"])
+        self.seed = int(state["seed"])
+
+    def new_pass(self) -> None:
+        """Start the next pass through the data: clear the used mask, advance the pass index."""
+        self.used.zero_()
+        self.pass_index += 1
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, k={self.k}, seed={self.seed}, "
+                f"pass_index={self.pass_index}, backend={self.backend!r}")
+
+    # ---------------------------------------------------------------------------------------
+    # Argument checks
+
+    def _check(self, index: torch.Tensor, codes: torch.Tensor | None) -> None:
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
+            raise TypeError(f"index must be a 1-D int64 tensor, got {getattr(index, 'dtype', type(index))} "
+                            f"with shape {tuple(getattr(index, 'shape', ()))}")
+        if index.device != self.codes.device:
+            raise ValueError(f"index is on {index.device} but the bank is on {self.codes.device}")
+        if codes is not None:
+            if not isinstance(codes, torch.Tensor) or not codes.is_floating_point():
+                got = getattr(codes, "dtype", type(codes))
+                raise TypeError(f"codes must be a floating-point tensor, got {got}")
+            if codes.dim() != 2 or codes.shape[1] != self.code_dim:
+                raise ValueError(
+                    f"codes must have shape [B, code_dim={self.code_dim}], got {tuple(codes.shape)}"
+                )
+            if codes.shape[0] != index.shape[0]:
+                raise ValueError(f"codes has {codes.shape[0]} rows but index has {index.shape[0]}")
+            if codes.device != self.codes.device:
+                raise ValueError(f"codes is on {codes.device} but the bank is on {self.codes.device}")
+        if index.numel():
+            # One host sync on GPU (as masked_topk's own index check).
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.num_codes:
+                raise ValueError(
+                    f"index values must lie in [0, num_codes={self.num_codes}), got min {lo}, max {hi}"
+                )
+            if torch.unique(index).numel() != index.numel():
+                raise ValueError("index holds duplicate rows; each example may appear once per batch")
+
+    # ---------------------------------------------------------------------------------------
+    # Public operations
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, codes: torch.Tensor) -> None:
+        """Write fresh codes [B, D] (detached, cast to float32) into rows ``index`` [B] int64."""
+        self._check(index, codes)
+        self.codes[index] = codes.detach().to(self.codes.dtype)
+
+    @torch.no_grad()
+    def search(
+        self, codes: torch.Tensor, k: int | None = None, *, exclude_index: torch.Tensor | None = None
+    ) -> MaskedTopK:
+        """The k (default K) nearest bank rows of each query [B, D], ignoring the used mask.
+
+        Side-effect free: for evaluation and retrieval. ``exclude_index`` [B] int64 (or -1) skips
+        one row per query. Returns :class:`~acn_kernels.MaskedTopK` (dists [B, k], rows [B, k]).
+        """
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != self.code_dim:
+            raise ValueError(f"codes must have shape [B, code_dim={self.code_dim}], "
+                             f"got {tuple(getattr(codes, 'shape', ()))}")
+        return masked_topk(codes.detach().to(self.codes.dtype), self.codes, self.k if k is None else k,
+                           exclude_index=exclude_index, backend=self.backend)
+
+    @torch.no_grad()
+    def neighbours(self, index: torch.Tensor, codes: torch.Tensor) -> Neighbours:
+        """Write the batch's fresh codes, then pick one neighbour per query in batch order.
+
+        Args:
+            index: [B] int64, distinct rows in [0, N): the batch's examples.
+            codes: [B, D] floating point: their fresh codes (written detached, as float32).
+
+        Returns:
+            :class:`Neighbours` (codes [B, D] float32, rows [B] int64). The picked rows are marked
+            used. A call that raises leaves the bank as it was.
+        """
+        self._check(index, codes)
+        if not bool(torch.isfinite(codes).all()):
+            raise ValueError("codes must be finite (a NaN or inf code has no neighbours)")
+        old = self.codes[index].clone()
+        self.codes[index] = codes.detach().to(self.codes.dtype)
+        try:
+            rows, used, fallbacks = self._resolve(index)
+        except BaseException:
+            self.codes[index] = old
+            raise
+        self.used.copy_(used)
+        self.fallbacks += fallbacks
+        return Neighbours(self.codes[rows], rows)
+
+    # ---------------------------------------------------------------------------------------
+    # The batch order
+
+    def _candidates(
+        self, queries: torch.Tensor, k: int, exclude_mask: torch.Tensor | None, exclude_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Row indices [G, k] of the k nearest eligible rows, (distance, row) order, -1 padded."""
+        return masked_topk(queries, self.codes, k, exclude_mask=exclude_mask, exclude_index=exclude_index,
+                           backend=self.backend).indices
+
+    def _resolve(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The picks [B] for queries ``index`` (codes already written), the new used mask, and
+        the number of fallbacks; nothing in the bank is modified."""
+        b, n, k = index.shape[0], self.num_codes, self.k
+        used = self.used.clone()
+        u = rng.uniform(self.seed, rng.NEIGHBOUR, self.pass_index, index).cpu().numpy()
+        rows = np.full(b, -1, dtype=np.int64)
+        chunk = self.max_search_k - k + 1
+        pending: list[int] = []  # queries left without candidates: the end-of-pass fallback
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            # Query b of the chunk loses at most b-s rows to earlier queries of the chunk, so
+            # K + G - 1 candidates per query make the sequential resolution exact.
+            search_k = min(k + (e - s) - 1, n)
+            cand = self._candidates(self.codes[index[s:e]], search_k, used, index[s:e]).cpu().numpy()
+            taken: set[int] = set()
+            for q in range(s, e):
+                mine: list[int] = []
+                for r in cand[q - s]:
+                    if r < 0 or len(mine) == k:
+                        break
+                    if r not in taken:
+                        mine.append(int(r))
+                if mine:
+                    rows[q] = mine[int(u[q] * len(mine))]
+                    taken.add(int(rows[q]))
+                else:
+                    pending.append(q)
+            if taken:
+                used[torch.tensor(sorted(taken), device=used.device)] = True
+        if pending:
+            # Every row but its own is used (at most once per pass): its own row stays excluded,
+            # and its pick, already used, cannot change what later queries may take.
+            sel = torch.tensor(pending, device=index.device)
+            cand = self._candidates(self.codes[index[sel]], min(k, n - 1), None, index[sel]).cpu().numpy()
+            for j, q in enumerate(pending):
+                mine = [int(r) for r in cand[j] if r >= 0]
+                rows[q] = mine[int(u[q] * len(mine))]
+        return torch.from_numpy(rows).to(index.device), used, len(pending)
+
+
+__all__ = ["CodeBank", "Neighbours"]

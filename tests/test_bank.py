@@ -1,0 +1,238 @@
+"""CodeBank: the batch order of DESIGN.md against a one-query-at-a-time reference, end of pass,
+chunking beyond MAX_K, state, devices and errors; and the counter-based RNG it draws from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acn_kernels import MAX_K, CodeBank, masked_topk, rng
+from acn_kernels.bank import Neighbours
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference_neighbours(bank: CodeBank, index: torch.Tensor, codes: torch.Tensor) -> Neighbours:
+    """DESIGN.md's batch order taken literally: one masked_topk call per query, in order."""
+    bank.codes[index] = codes.to(bank.codes.dtype)
+    u = rng.uniform(bank.seed, rng.NEIGHBOUR, bank.pass_index, index)
+    rows = []
+    for q in range(index.shape[0]):
+        own = index[q : q + 1]
+        cand = masked_topk(bank.codes[own], bank.codes, bank.k, exclude_mask=bank.used,
+                           exclude_index=own).indices[0]
+        cand = cand[cand >= 0]
+        if cand.numel() == 0:  # end of pass: ignore the used mask, keep excluding the own row
+            bank.fallbacks += 1
+            cand = masked_topk(bank.codes[own], bank.codes, min(bank.k, bank.num_codes - 1),
+                               exclude_index=own).indices[0]
+            cand = cand[cand >= 0]
+        row = cand[int(float(u[q]) * cand.numel())]
+        bank.used[row] = True
+        rows.append(row)
+    out = torch.stack(rows)
+    return Neighbours(bank.codes[out], out)
+
+
+def snapshot(bank: CodeBank) -> dict:
+    return {"codes": bank.codes.clone(), "used": bank.used.clone(), **bank.get_extra_state()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def twin_banks(n: int, d: int, k: int, seed: int, device: str, **kw) -> tuple[CodeBank, CodeBank]:
+    a = CodeBank(n, d, k, seed, **kw).to(device)
+    b = CodeBank(n, d, k, seed).to(device)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("n", "d", "k", "batch", "max_search_k"), [
+    (37, 3, 5, 8, MAX_K),   # several batches per pass, ends with the fallback
+    (11, 2, 4, 5, MAX_K),   # tiny bank: candidates capped by N
+    (50, 4, 3, 17, 6),      # chunks of max_search_k - k + 1 = 4 queries
+    (23, 2, 1, 6, 1),       # K = 1, chunks of one query
+])
+def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, device):
+    gen = torch.Generator().manual_seed(n * 7 + batch)
+    a, b = twin_banks(n, d, k, seed=3, device=device, max_search_k=max_search_k)
+    for _ in range(2):
+        start = a.fallbacks
+        order = torch.randperm(n, generator=gen).to(device)
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            # Low-resolution codes: many exact distance ties, resolved by row index.
+            codes = torch.randint(-2, 3, (idx.numel(), d), generator=gen).float().to(device)
+            got = a.neighbours(idx, codes)
+            want = reference_neighbours(b, idx, codes)
+            assert torch.equal(got.rows, want.rows)
+            assert torch.equal(got.codes, want.codes)
+            assert_same_state(snapshot(a), snapshot(b))
+        # One pick per example; only a fallback pick repeats a used row.
+        assert int(a.used.sum()) == n - (a.fallbacks - start)
+        a.new_pass()
+        b.new_pass()
+    assert a.pass_index == 2
+
+
+def test_one_pass_is_a_derangement_except_the_fallback():
+    n, batch = 40, 7
+    bank = CodeBank(n, 4, k=5, seed=1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    picks = torch.empty(n, dtype=torch.long)
+    for s in range(0, n, batch):
+        idx = order[s : s + batch]
+        picks[idx] = bank.neighbours(idx, torch.randn(idx.numel(), 4)).rows
+    assert bool((picks != torch.arange(n)).all())  # never the own row
+    # Every pick is distinct except at most one fallback pick, which repeats a used row.
+    assert torch.unique(picks).numel() >= n - bank.fallbacks
+    assert bank.fallbacks <= 1
+    assert bool(bank.used[picks].all())
+
+
+def test_end_of_pass_fallback_is_counted():
+    bank = CodeBank(3, 2, k=2, seed=0)
+    # Queries 0 and 1 may pick each other or row 2; after they do, row 2's query finds the rows it
+    # could use taken (if its own row is the one left), which forces the fallback, or not.
+    bank.used[:] = torch.tensor([True, True, False])
+    res = bank.neighbours(torch.tensor([2]), torch.zeros(1, 2))
+    assert bank.fallbacks == 1 and int(res.rows[0]) in (0, 1)
+    res = bank.neighbours(torch.tensor([0]), torch.zeros(1, 2))  # row 2 is still free
+    assert bank.fallbacks == 1 and int(res.rows[0]) == 2
+
+
+def test_picks_do_not_depend_on_batch_size():
+    n = 30
+    one, big = CodeBank(n, 3, seed=5), CodeBank(n, 3, seed=5)
+    codes = torch.randn(n, 3)
+    idx = torch.arange(n)
+    # Writing all codes first makes the batches see the same bank; then batch order == index order.
+    one.update(idx, codes)
+    big.update(idx, codes)
+    rows_one = torch.cat([one.neighbours(idx[i : i + 1], codes[i : i + 1]).rows for i in range(n)])
+    rows_big = torch.cat([big.neighbours(idx[s : s + 8], codes[s : s + 8]).rows for s in range(0, n, 8)])
+    assert torch.equal(rows_one, rows_big)
+
+
+def test_search_is_side_effect_free_and_ignores_used():
+    bank = CodeBank(20, 3, k=4)
+    bank.used[:10] = True
+    before = snapshot(bank)
+    q = torch.randn(5, 3)
+    res = bank.search(q)
+    assert_same_state(before, snapshot(bank))
+    want = masked_topk(q, bank.codes, 4)
+    assert torch.equal(res.indices, want.indices)
+    assert bank.search(q, 7, exclude_index=torch.full((5,), 3)).indices.shape == (5, 7)
+    assert not bool((bank.search(q, 7, exclude_index=torch.full((5,), 3)).indices == 3).any())
+
+
+def test_update_only_writes_codes():
+    bank = CodeBank(10, 2)
+    before = snapshot(bank)
+    bank.update(torch.tensor([4, 1]), torch.ones(2, 2, dtype=torch.float64, requires_grad=True))
+    after = snapshot(bank)
+    assert torch.equal(after["codes"][[4, 1]], torch.ones(2, 2))
+    after["codes"][[4, 1]] = before["codes"][[4, 1]]
+    assert_same_state(before, after)
+
+
+def test_state_dict_round_trip():
+    a = CodeBank(16, 3, k=2, seed=9)
+    idx = torch.arange(6)
+    a.neighbours(idx, torch.randn(6, 3))
+    a.new_pass()
+    a.neighbours(idx[:3], torch.randn(3, 3))
+    b = CodeBank(16, 3, k=2, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert_same_state(snapshot(a), snapshot(b))
+    assert b.pass_index == 1 and b.seed == 9
+    with pytest.raises(ValueError, match="k=2"):
+        CodeBank(16, 3, k=3).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(("index", "codes", "err", "match"), [
+    (torch.tensor([0, 1]), torch.zeros(2, 4), ValueError, "code_dim=3"),
+    (torch.tensor([0, 10]), torch.zeros(2, 3), ValueError, r"index values must lie in \[0, num_codes=10\)"),
+    (torch.tensor([-1, 2]), torch.zeros(2, 3), ValueError, "index values"),
+    (torch.tensor([3, 5, 3]), torch.zeros(3, 3), ValueError, "duplicate"),
+    (torch.tensor([0, 1], dtype=torch.int32), torch.zeros(2, 3), TypeError, "int64"),
+    (torch.tensor([0, 1]), torch.zeros(3, 3), ValueError, "3 rows but index has 2"),
+    (torch.tensor([0, 1]), torch.tensor([[0.0, 1, 2], [float("nan"), 0, 0]]), ValueError, "finite"),
+])
+def test_bad_input_raises_and_leaves_bank_unchanged(index, codes, err, match):
+    bank = CodeBank(10, 3)
+    bank.used[4] = True
+    before = snapshot(bank)
+    with pytest.raises(err, match=match):
+        bank.neighbours(index, codes)
+    assert_same_state(before, snapshot(bank))
+
+
+def test_failure_inside_the_search_restores_the_bank(monkeypatch):
+    bank = CodeBank(10, 3)
+    before = snapshot(bank)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("search failed")
+
+    monkeypatch.setattr(bank, "_candidates", boom)
+    with pytest.raises(RuntimeError, match="search failed"):
+        bank.neighbours(torch.tensor([1, 2]), torch.ones(2, 3))
+    assert_same_state(before, snapshot(bank))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_codes"):
+        CodeBank(1, 3)
+    with pytest.raises(ValueError, match="k must"):
+        CodeBank(10, 3, k=0)
+    with pytest.raises(ValueError, match="max_search_k"):
+        CodeBank(10, 3, k=5, max_search_k=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The counter-based RNG
+
+
+def test_mix_matches_python_reference():
+    words = [0, 1, 2**63 - 1, -1, -(2**63), 12345678901234, -987654321]
+    got = rng.mix(torch.tensor(words))
+    for g, w in zip(got.tolist(), words, strict=True):
+        assert g % 2**64 == rng.mix_int(w)
+    # SplitMix64's published first output for state 0 after one increment of the golden gamma.
+    assert rng.mix_int(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
+
+
+def test_draws_depend_only_on_their_coordinates():
+    idx = torch.tensor([5, 17, 2, 900])
+    u = rng.uniform(3, rng.NEIGHBOUR, 2, idx)
+    assert torch.equal(u[1:3], rng.uniform(3, rng.NEIGHBOUR, 2, idx[1:3]))
+    assert not torch.equal(u, rng.uniform(3, rng.NEIGHBOUR, 1, idx))
+    assert not torch.equal(u, rng.uniform(4, rng.NEIGHBOUR, 2, idx))
+    assert not torch.equal(u, rng.uniform(3, rng.EPS, 2, idx))
+    z = rng.normal(3, rng.EPS, 2, idx, 6)
+    assert z.shape == (4, 6) and z.dtype == torch.float32
+    assert torch.equal(z[2:], rng.normal(3, rng.EPS, 2, idx[2:], 6))
+    big = rng.normal(0, rng.EPS, 0, torch.arange(4000), 8, torch.float64)
+    assert abs(float(big.mean())) < 0.03 and abs(float(big.std()) - 1) < 0.03
+    uu = rng.uniform(0, rng.NEIGHBOUR, 0, torch.arange(20000))
+    assert float(uu.min()) >= 0 and float(uu.max()) < 1 and abs(float(uu.mean()) - 0.5) < 0.01
+    perm = rng.permutation(1, 4, 50)
+    assert torch.equal(torch.sort(perm).values, torch.arange(50))
+    assert not torch.equal(perm, rng.permutation(1, 5, 50))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_draws_agree_across_devices():
+    idx = torch.arange(1000)
+    assert torch.equal(rng.uniform(1, 2, 3, idx), rng.uniform(1, 2, 3, idx.cuda()).cpu())
+    torch.testing.assert_close(rng.normal(1, 2, 3, idx, 4), rng.normal(1, 2, 3, idx.cuda(), 4).cpu())
