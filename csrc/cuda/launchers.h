@@ -1,0 +1,73 @@
+// Raw-pointer launchers of the CUDA kernels, shared by the .cu files (which define them) and the
+// torch bindings in the .cpp files (which call them). Only the CUDA runtime API appears here, so
+// both nvcc without torch and the host compiler with torch include it.
+//
+// Conventions: every tensor is contiguous and on the current device; sizes are int64 and every
+// offset is computed in 64 bits; `acc` pointers are float for float32/float16/bfloat16 inputs and
+// double for float64 inputs. Each launcher enqueues on `stream` and returns the launch status
+// (cudaGetLastError after the launch), which the caller must check.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace acn {
+namespace cuda {
+
+// Element type of the input tensors; the accumulation type follows from it (see above).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// ---------------------------------------------------------------------------------------------
+// Mixture log-likelihood (csrc/cpu/mixture.cpp is the spec in code).
+
+// z [B, D]; logits/means/log_scales [B, D, M]; code [B, D] or nullptr.
+// Writes lse [B, D, 2] (acc: T, Lz) and out (acc): [B, D] if per_dim, else [B].
+cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z,
+                        const void* logits, const void* means, const void* log_scales,
+                        const void* code, bool per_dim, void* out, void* lse, cudaStream_t stream);
+
+// grad (acc): [B, D] if per_dim, else [B]; lse (acc) [B, D, 2] from mixture_fwd.
+// Writes dz [B, D], dlogits/dmeans/dlog_scales [B, D, M] and, when code is given, dcode [B, D],
+// all in the input dtype.
+cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* grad,
+                        const void* z, const void* logits, const void* means,
+                        const void* log_scales, const void* code, const void* lse, bool per_dim,
+                        void* dz, void* dlogits, void* dmeans, void* dlog_scales, void* dcode,
+                        cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Masked top-k (DESIGN.md contract).
+//
+// Two kernels: a partial kernel gives each (query group, bank split) block a sorted top-k list of
+// its split; a merge kernel reduces the `splits` lists of each query. With one split the partial
+// kernel writes the outputs directly. The plan fixes the split count, so the caller can allocate
+// the partial lists (splits * B * k entries of acc and int64) before the launch.
+
+struct TopkPlan {
+  int64_t B = 0, N = 0, D = 0;
+  int k = 0;
+  DType dt = DType::kFloat32;
+  int queries_per_block = 1;  // queries sharing one bank tile in a block
+  int64_t split_rows = 0;     // bank rows per split (a multiple of the tile height)
+  int64_t splits = 1;         // number of bank splits; > 1 needs the partial buffers
+  size_t smem_bytes = 0;      // dynamic shared memory of the partial kernel
+  // Entries of each partial buffer (splits * B * k; 0 when splits == 1).
+  int64_t partial_entries() const { return splits > 1 ? splits * B * k : 0; }
+};
+
+// Chooses block shape and split count for the current device. Fails (cudaErrorInvalidValue) on
+// sizes the kernels cannot take.
+cudaError_t masked_topk_plan(DType dt, int64_t B, int64_t N, int64_t D, int k, TopkPlan* plan);
+
+// queries [B, D], bank [N, D] (dtype plan.dt); exclude_mask [N] bool or nullptr; exclude_index
+// [B] int64 or nullptr (-1 = none; any value outside [0, N) excludes nothing). Writes dists
+// [B, k] (acc) and indices [B, k] int64. part_dists (acc) / part_indices: plan.partial_entries()
+// entries each, or nullptr when that is 0.
+cudaError_t masked_topk(const TopkPlan& plan, const void* queries, const void* bank,
+                        const bool* exclude_mask, const int64_t* exclude_index, void* dists,
+                        int64_t* indices, void* part_dists, int64_t* part_indices,
+                        cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace acn

@@ -1,0 +1,64 @@
+// CUDA binding of masked_topk: argument checks, contiguity, output and workspace allocation,
+// device guard and stream; the kernels are the raw-pointer launchers of masked_topk.cu.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../utils.h"
+#include "launchers.h"
+
+namespace {
+
+acn::cuda::DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return acn::cuda::DType::kFloat32;
+    case at::kHalf:
+      return acn::cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return acn::cuda::DType::kBFloat16;
+    case at::kDouble:
+      return acn::cuda::DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "queries must be float32, float16, bfloat16 or float64 for the cuda backend, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
+                                                    const at::Tensor& bank_, int64_t k,
+                                                    const c10::optional<at::Tensor>& exclude_mask_,
+                                                    const c10::optional<at::Tensor>& exclude_index_) {
+  acn::check_topk_args(queries_, bank_, k, exclude_mask_, exclude_index_);
+  TORCH_CHECK(queries_.is_cuda(), "queries must be a CUDA tensor for the cuda backend, got ",
+              queries_.device());
+  const auto dt = cuda_dtype(queries_.scalar_type());
+  const c10::cuda::CUDAGuard guard(queries_.device());
+  const auto queries = queries_.contiguous(), bank = bank_.contiguous();
+  const at::Tensor mask = exclude_mask_.has_value() ? exclude_mask_->contiguous() : at::Tensor();
+  const at::Tensor excl = exclude_index_.has_value() ? exclude_index_->contiguous() : at::Tensor();
+  const int64_t B = queries.size(0), N = bank.size(0), D = queries.size(1);
+  const auto acc = acn::acc_dtype(queries.scalar_type());
+  at::Tensor dists = acn::new_output({B, k}, queries.options().dtype(acc));
+  at::Tensor indices = acn::new_output({B, k}, queries.options().dtype(at::kLong));
+  if (B == 0) return {dists, indices};
+
+  acn::cuda::TopkPlan plan;
+  C10_CUDA_CHECK(acn::cuda::masked_topk_plan(dt, B, N, D, static_cast<int>(k), &plan));
+  // Per-split lists of the bank splits (workspace, bounded by the plan; never B x N).
+  at::Tensor part_d, part_i;
+  if (plan.partial_entries() > 0) {
+    part_d = at::empty({plan.partial_entries()}, queries.options().dtype(acc));
+    part_i = at::empty({plan.partial_entries()}, queries.options().dtype(at::kLong));
+  }
+  C10_CUDA_CHECK(acn::cuda::masked_topk(
+      plan, queries.const_data_ptr(), bank.const_data_ptr(),
+      mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+      excl.defined() ? excl.const_data_ptr<int64_t>() : nullptr, dists.data_ptr(),
+      indices.data_ptr<int64_t>(), part_d.defined() ? part_d.data_ptr() : nullptr,
+      part_i.defined() ? part_i.data_ptr<int64_t>() : nullptr, at::cuda::getCurrentCUDAStream()));
+  return {dists, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(acn_kernels, CUDA, m) { m.impl("masked_topk", &masked_topk_cuda); }
