@@ -1,0 +1,286 @@
+"""Triton kernels of the masked top-k neighbour search (DESIGN.md, masked_topk).
+
+Scheme (FAISS's GPU split, with an exact total order):
+
+1. ``_topk_partial_kernel``: program (i, s) takes BLOCK_Q queries and split s of the bank. Per
+   tile of BLOCK_N rows it computes squared distances |q|^2 + |b|^2 - 2 q.b with ``tl.dot`` in
+   full fp32 precision (input_precision="ieee"), clamps them at +0.0 (FLT_MAX where a finite pair
+   overflowed), and encodes each eligible pair as one int64 key, (float bits of the distance) << 32
+   | row. Distances are >= +0.0, whose bit patterns order like the values, so sorting keys orders
+   pairs exactly by (distance, row): ties go to the smaller row with no second pass. Ineligible
+   pairs (masked, excluded, padding, or a query/row holding NaN or inf) get the sentinel key
+   (+inf, 2^32 - 1). The program keeps a sorted running list of the KP = next_pow2(k) smallest
+   keys per query; a tile is merged only if one of its keys beats some query's current k-th (the
+   usual shrinking threshold): sort the tile, keep its KP smallest, and merge the two sorted lists
+   with a bitonic step (the KP smallest of two ascending lists a, b are min(a_i, b_{KP-1-i})).
+2. With one split the same program decodes its list into the outputs. With several splits (to
+   fill the GPU when B is small) each writes its list to a [B, S, KP] int64 buffer and
+   ``_topk_merge_kernel`` merges the S lists per query the same way, then decodes.
+
+Extra memory: the [B, S, KP] candidate keys (S = 1 under the interpreter), never B x N.
+Rows are addressed with 64-bit offsets; the key keeps 32 bits for the row, so the bank must hold
+fewer than 2^32 - 1 rows (checked). Inputs float32/float16/bfloat16 (converted to float32 on
+load); float64 is rejected with a clear error (DESIGN.md keeps it to "cpu" and "torch").
+The distance is the expanded form, so a pair whose |q|^2 or |b|^2 overflows float32 reports
+FLT_MAX even when q and b are close (|x| above about 1.8e19).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend, _testing, ops
+
+# (+inf bits) << 32 | (2^32 - 1): after every eligible key, decodes to (+inf, padding).
+_SENTINEL = tl.constexpr(0x7F800000FFFFFFFF)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_MAX_ROWS = (1 << 32) - 1
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _compare_swap(x, BQ: tl.constexpr, L: tl.constexpr, J: tl.constexpr, DIR_BIT: tl.constexpr,
+                  DESC: tl.constexpr):
+    """One bitonic step on [BQ, L]: columns i and i ^ 2^J swap into order. The pair is ascending
+    where bit DIR_BIT of i is 0 and descending where it is 1; DIR_BIT < 0 puts every pair in the
+    final direction (DESC: 0 ascending, 1 descending). Written with min/max over the size-2 axis
+    of a 4-d view: the hypercube trick of tl.sort, whose xor-reductions the interpreter would run
+    element by element."""
+    S: tl.constexpr = 1 << J
+    h = tl.reshape(x, [BQ, L // (2 * S), 2, S])
+    lo = tl.expand_dims(tl.min(h, axis=2), 2)
+    hi = tl.expand_dims(tl.max(h, axis=2), 2)
+    col = tl.reshape(tl.arange(0, L), [1, L // (2 * S), 2, S])
+    if DIR_BIT >= 0:
+        take_hi = (((col >> J) ^ (col >> DIR_BIT)) & 1) == 1
+    else:
+        take_hi = ((col >> J) & 1) == 1 - DESC
+    return tl.reshape(tl.where(take_hi, hi, lo), [BQ, L])
+
+
+@triton.jit
+def _bitonic_sort(x, BQ: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DESC: tl.constexpr):
+    """Sort each row of the [BQ, L] int64 keys (L = 2^LOG_L), descending if DESC is 1."""
+    for stage in tl.static_range(1, LOG_L + 1):
+        for jj in tl.static_range(stage):
+            if stage < LOG_L:
+                x = _compare_swap(x, BQ, L, stage - 1 - jj, stage, DESC)
+            else:
+                x = _compare_swap(x, BQ, L, stage - 1 - jj, -1, DESC)
+    return x
+
+
+@triton.jit
+def _merge_lists(best, cand_desc, BQ: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
+    """The KP smallest keys of the ascending list ``best`` and the descending list ``cand_desc``,
+    ascending: min(a_i, b_{KP-1-i}) holds them as a bitonic sequence, which log2(KP) steps sort."""
+    x = tl.minimum(best, cand_desc)
+    for jj in tl.static_range(LOG_KP):
+        x = _compare_swap(x, BQ, KP, LOG_KP - 1 - jj, -1, 0)
+    return x
+
+
+@triton.jit
+def _decode_store(best, rq, qmask, dist_ptr, idx_ptr, k, KP: tl.constexpr):
+    dist = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    row = best - ((best >> 32) << 32)
+    row = tl.where(dist == float("inf"), -1, row)
+    col = tl.arange(0, KP)
+    off = rq[:, None] * k + col[None, :]
+    msk = qmask[:, None] & (col < k)[None, :]
+    tl.store(dist_ptr + off, dist, mask=msk)
+    tl.store(idx_ptr + off, row, mask=msk)
+
+
+@triton.jit
+def _topk_partial_kernel(
+    q_ptr, b_ptr, mask_ptr, exi_ptr, part_ptr, dist_ptr, idx_ptr,
+    B, N, D, k, tiles_per_split,
+    stride_qb, stride_qd, stride_bn, stride_bd,
+    HAS_MASK: tl.constexpr, HAS_EXI: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+    LOG_N: tl.constexpr, LOG_KP: tl.constexpr,
+):
+    pid_s = tl.program_id(1)
+    rq = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    qmask = rq < B
+    # Query norms, and whether each query is finite (NaN/inf queries are never paired).
+    qn = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    qok = qmask
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        m2 = qmask[:, None] & (rd < D)[None, :]
+        q = tl.load(q_ptr + rq[:, None] * stride_qb + rd[None, :] * stride_qd, mask=m2, other=0.0)
+        q = q.to(tl.float32)
+        qn += tl.sum(q * q, axis=1)
+        qok = qok & (tl.min((tl.abs(q) < float("inf")).to(tl.int32), axis=1) > 0)
+    if HAS_EXI:
+        exi = tl.load(exi_ptr + rq, mask=qmask, other=-1)
+    best = tl.full([BLOCK_Q, KP], _SENTINEL, tl.int64)
+    n_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_N
+    for t in range(0, tiles_per_split):
+        rn = n_begin + t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        nmask = rn < N
+        dot = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+        bn = tl.zeros([BLOCK_N], dtype=tl.float32)
+        bok = nmask
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            dmask = (rd < D)[None, :]
+            q = tl.load(q_ptr + rq[:, None] * stride_qb + rd[None, :] * stride_qd,
+                        mask=qmask[:, None] & dmask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + rn[:, None] * stride_bn + rd[None, :] * stride_bd,
+                        mask=nmask[:, None] & dmask, other=0.0).to(tl.float32)
+            dot = tl.dot(q, tl.trans(b), dot, input_precision="ieee")
+            bn += tl.sum(b * b, axis=1)
+            bok = bok & (tl.min((tl.abs(b) < float("inf")).to(tl.int32), axis=1) > 0)
+        d = qn[:, None] + bn[None, :] - 2.0 * dot
+        # For finite inputs a NaN can only come from inf - inf, i.e. an overflow: report FLT_MAX.
+        d = tl.where(d != d, float("inf"), d)
+        d = tl.where(d > 0.0, d, 0.0)  # clamp; also turns -0.0 into +0.0
+        d = tl.where(d == float("inf"), _FLT_MAX, d)
+        ok = qok[:, None] & bok[None, :]
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + rn, mask=nmask, other=1) == 0)[None, :]
+        if HAS_EXI:
+            ok = ok & (rn[None, :] != exi[:, None])
+        key = (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | rn[None, :]
+        key = tl.where(ok, key, _SENTINEL)
+        # Merge only when some key beats its query's current k-th (the list is sorted).
+        kth = tl.max(best, axis=1)
+        if tl.max((tl.min(key, axis=1) < kth).to(tl.int32), axis=0) > 0:
+            key = _bitonic_sort(key, BLOCK_Q, BLOCK_N, LOG_N, 1)
+            if BLOCK_N > KP:
+                # The KP smallest, descending: the last block of the [BQ, BLOCK_N // KP, KP] view.
+                blk = tl.arange(0, BLOCK_N // KP)[None, :, None]
+                key = tl.min(tl.where(blk == BLOCK_N // KP - 1, tl.reshape(key, [BLOCK_Q, BLOCK_N // KP, KP]),
+                                      _SENTINEL), axis=1)
+            best = _merge_lists(best, key, BLOCK_Q, KP, LOG_KP)
+    if FINAL:
+        _decode_store(best, rq, qmask, dist_ptr, idx_ptr, k, KP)
+    else:
+        col = tl.arange(0, KP)
+        S = tl.num_programs(1)
+        tl.store(part_ptr + (rq[:, None] * S + pid_s) * KP + col[None, :], best, mask=qmask[:, None])
+
+
+@triton.jit
+def _topk_merge_kernel(part_ptr, dist_ptr, idx_ptr, B, S, k,
+                       BLOCK_Q: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
+    rq = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    qmask = rq < B
+    col = tl.arange(0, KP)
+    best = tl.full([BLOCK_Q, KP], _SENTINEL, tl.int64)
+    for s in range(0, S):
+        # Loaded back to front: the stored ascending list arrives descending, as the merge wants.
+        cand = tl.load(part_ptr + (rq[:, None] * S + s) * KP + (KP - 1 - col)[None, :], mask=qmask[:, None],
+                       other=_SENTINEL)
+        best = _merge_lists(best, cand, BLOCK_Q, KP, LOG_KP)
+    _decode_store(best, rq, qmask, dist_ptr, idx_ptr, k, KP)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, int]:
+    """Block sizes, warps and the number of bank splits (plain heuristics, no autotuning)."""
+    kp = max(2, triton.next_power_of_2(k))
+    block_d = min(64, max(16, triton.next_power_of_2(D)))  # tl.dot needs every dim >= 16
+    if _backend.triton_interpreting():
+        # Few, large programs: the interpreter pays about a millisecond per program.
+        block_q = min(64, max(16, triton.next_power_of_2(B)))
+        block_n = max(kp, min(256, max(16, triton.next_power_of_2(N))))
+        # Up to 4 splits, so that the CPU tests also run the merge kernel of the GPU path.
+        splits = min(4, triton.cdiv(N, block_n))
+        return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits, num_warps=4,
+                    merge_q=block_q)
+    block_n = max(kp, 64)
+    block_q = 16 if kp >= 128 else 32
+    num_warps = 4 if block_q * block_n <= 4096 else 8
+    n_tiles = triton.cdiv(N, block_n)
+    q_blocks = triton.cdiv(B, block_q)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Enough programs to fill the GPU about four times; each split gets whole tiles.
+    splits = max(1, min(n_tiles, triton.cdiv(4 * sms, q_blocks)))
+    splits = triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
+    merge_q = max(1, min(32, 4096 // kp))
+    return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits,
+                num_warps=num_warps, merge_q=merge_q)
+
+
+@torch.library.custom_op("acn_kernels::triton_masked_topk", mutates_args=())
+def triton_masked_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    exclude_mask: torch.Tensor | None,
+    exclude_index: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked top-k on the GPU (schema of ``acn_kernels::masked_topk`` in csrc/ops.cpp).
+
+    Args:
+        queries: [B, D]; bank: [N, D], same dtype (float32, float16 or bfloat16) and device, any
+            strides; k: 1 <= k <= min(N, MAX_K); exclude_mask: optional [N] bool (True = skip
+            the row); exclude_index: optional [B] int64, the one row query b skips (-1: none;
+            the values are not validated here, see :func:`acn_kernels.masked_topk`).
+
+    Returns:
+        (dists [B, k] float32, indices [B, k] int64), ascending by (distance, row), padded with
+        (+inf, -1) where fewer than k rows are eligible. See the module docstring for the scheme.
+    """
+    ops._check_topk(queries, bank, k, exclude_mask, None)
+    if exclude_index is not None:
+        if exclude_index.dtype != torch.int64 or exclude_index.shape != (queries.shape[0],):
+            raise TypeError(f"exclude_index must be an int64 tensor of shape [B] = [{queries.shape[0]}], "
+                            f"got {exclude_index.dtype} {tuple(exclude_index.shape)}")
+        if exclude_index.device != queries.device:
+            raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {queries.device}")
+    if queries.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"queries has dtype {queries.dtype}: the triton backend supports float32, float16 and "
+            "bfloat16 (use backend='cpu' or 'torch' for float64)"
+        )
+    dev = queries.device
+    if not (dev.type == "cuda" or (dev.type == "cpu" and _backend.triton_interpreting())):
+        raise RuntimeError(
+            f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {dev}"
+        )
+    B, D = queries.shape
+    N = bank.shape[0]
+    if N >= _MAX_ROWS:
+        raise ValueError(f"the triton backend supports banks of fewer than {_MAX_ROWS} rows, got N={N}")
+    dists = _testing.new_output((B, k), torch.float32, dev)
+    idx = _testing.new_output((B, k), torch.int64, dev)
+    if B == 0:
+        return dists, idx
+    cfg = _config(B, N, D, k, dev)
+    splits, kp = cfg["splits"], cfg["KP"]
+    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    part = torch.empty((B, splits, kp) if splits > 1 else (0,), dtype=torch.int64, device=dev)
+    mask_u8 = exclude_mask.view(torch.uint8) if exclude_mask is not None else queries
+    exi = exclude_index.contiguous() if exclude_index is not None else queries
+    ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        _topk_partial_kernel[(triton.cdiv(B, cfg["BLOCK_Q"]), splits)](
+            queries, bank, mask_u8, exi, part, dists, idx,
+            B, N, D, k, tiles_per_split,
+            queries.stride(0), queries.stride(1), bank.stride(0), bank.stride(1),
+            HAS_MASK=exclude_mask is not None, HAS_EXI=exclude_index is not None, FINAL=splits == 1,
+            BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], KP=kp,
+            LOG_N=cfg["BLOCK_N"].bit_length() - 1, LOG_KP=kp.bit_length() - 1, num_warps=cfg["num_warps"],
+        )
+        if splits > 1:
+            _topk_merge_kernel[(triton.cdiv(B, cfg["merge_q"]),)](
+                part, dists, idx, B, splits, k, BLOCK_Q=cfg["merge_q"], KP=kp, LOG_KP=kp.bit_length() - 1,
+                num_warps=4,
+            )
+    return dists, idx
+
+
+ops.register_topk("acn_kernels::triton_masked_topk")
