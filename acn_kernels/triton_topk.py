@@ -3,26 +3,33 @@
 Scheme (FAISS's GPU split, with an exact total order):
 
 1. ``_topk_partial_kernel``: program (i, s) takes BLOCK_Q queries and split s of the bank. Per
-   tile of BLOCK_N rows it computes squared distances |q|^2 + |b|^2 - 2 q.b with ``tl.dot`` in
-   full fp32 precision (input_precision="ieee"), clamps them at +0.0 (FLT_MAX where a finite pair
-   overflowed), and encodes each eligible pair as one int64 key, (float bits of the distance) << 32
-   | row. Distances are >= +0.0, whose bit patterns order like the values, so sorting keys orders
-   pairs exactly by (distance, row): ties go to the smaller row with no second pass. Ineligible
-   pairs (masked, excluded, padding, or a query/row holding NaN or inf) get the sentinel key
-   (+inf, 2^32 - 1). The program keeps a sorted running list of the KP = next_pow2(k) smallest
-   keys per query; a tile is merged only if one of its keys beats some query's current k-th (the
-   usual shrinking threshold): sort the tile, keep its KP smallest, and merge the two sorted lists
-   with a bitonic step (the KP smallest of two ascending lists a, b are min(a_i, b_{KP-1-i})).
+   tile of BLOCK_N rows it computes the squared distances |q|^2 + |b|^2 - 2 q.b, clamps them at
+   +0.0 (FLT_MAX where a finite pair overflowed) and encodes each eligible pair as one int64 key,
+   (float bits of the distance) << 32 | row. Distances are >= +0.0, whose bit patterns order like
+   the values, so sorting keys orders pairs exactly by (distance, row): ties go to the smaller
+   row with no second key. Ineligible pairs (masked, excluded, padding, or a query/row holding
+   NaN or inf) get the sentinel key (+inf, 2^32 - 1), which decodes to the padding (+inf, -1).
+   The program keeps a sorted running list of the KP = next_pow2(k) smallest keys per query; a
+   tile is merged only if one of its keys beats some query's current k-th (the usual shrinking
+   threshold): sort the tile, keep its KP smallest, and merge them into the list with a bitonic
+   step (the KP smallest of an ascending a and a descending b are min(a_i, b_i), a bitonic
+   sequence that log2(KP) compare-and-swap steps sort).
 2. With one split the same program decodes its list into the outputs. With several splits (to
    fill the GPU when B is small) each writes its list to a [B, S, KP] int64 buffer and
    ``_topk_merge_kernel`` merges the S lists per query the same way, then decodes.
 
-Extra memory: the [B, S, KP] candidate keys (S = 1 under the interpreter), never B x N.
-Rows are addressed with 64-bit offsets; the key keeps 32 bits for the row, so the bank must hold
-fewer than 2^32 - 1 rows (checked). Inputs float32/float16/bfloat16 (converted to float32 on
-load); float64 is rejected with a clear error (DESIGN.md keeps it to "cpu" and "torch").
-The distance is the expanded form, so a pair whose |q|^2 or |b|^2 overflows float32 reports
-FLT_MAX even when q and b are close (|x| above about 1.8e19).
+q.b is a ``tl.dot`` in full fp32 precision (input_precision="ieee": on GPUs a chain of FMAs per
+element, the same for every element, so identical rows get bit-identical distances and tie
+exactly). Under TRITON_INTERPRET=1 it is an explicit product-and-sum instead: the interpreter
+runs tl.dot as numpy.matmul, whose BLAS kernels can round identical rows differently depending
+on their place in the tile, which would break exact ties.
+
+Extra memory: the [B, S, KP] candidate keys, never B x N. Rows are addressed with 64-bit
+offsets; the key keeps 32 bits for the row, so the bank must hold fewer than 2^32 - 1 rows
+(checked). Inputs float32/float16/bfloat16 (converted to float32 on load); float64 is rejected
+with a clear error (DESIGN.md keeps it to "cpu" and "torch"). The distance is the expanded form,
+so a pair whose |q|^2 or |b|^2 overflows float32 (entries above about 1e19) reports FLT_MAX even
+when q and b are close; its exact distance would be representable only in that rare case.
 """
 
 from __future__ import annotations
@@ -101,7 +108,7 @@ def _topk_partial_kernel(
     q_ptr, b_ptr, mask_ptr, exi_ptr, part_ptr, dist_ptr, idx_ptr,
     B, N, D, k, tiles_per_split,
     stride_qb, stride_qd, stride_bn, stride_bd,
-    HAS_MASK: tl.constexpr, HAS_EXI: tl.constexpr, FINAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_EXI: tl.constexpr, FINAL: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     LOG_N: tl.constexpr, LOG_KP: tl.constexpr,
 ):
@@ -135,7 +142,10 @@ def _topk_partial_kernel(
                         mask=qmask[:, None] & dmask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + rn[:, None] * stride_bn + rd[None, :] * stride_bd,
                         mask=nmask[:, None] & dmask, other=0.0).to(tl.float32)
-            dot = tl.dot(q, tl.trans(b), dot, input_precision="ieee")
+            if USE_DOT:
+                dot = tl.dot(q, tl.trans(b), dot, input_precision="ieee")
+            else:
+                dot += tl.sum(q[:, None, :] * b[None, :, :], axis=2)
             bn += tl.sum(b * b, axis=1)
             bok = bok & (tl.min((tl.abs(b) < float("inf")).to(tl.int32), axis=1) > 0)
         d = qn[:, None] + bn[None, :] - 2.0 * dot
@@ -188,7 +198,8 @@ def _topk_merge_kernel(part_ptr, dist_ptr, idx_ptr, B, S, k,
 
 
 def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, int]:
-    """Block sizes, warps and the number of bank splits (plain heuristics, no autotuning)."""
+    """Block sizes, warps, the number of bank splits (plain heuristics, no autotuning) and whether
+    q.b is a tl.dot (see the module docstring)."""
     kp = max(2, triton.next_power_of_2(k))
     block_d = min(64, max(16, triton.next_power_of_2(D)))  # tl.dot needs every dim >= 16
     if _backend.triton_interpreting():
@@ -198,7 +209,7 @@ def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, i
         # Up to 4 splits, so that the CPU tests also run the merge kernel of the GPU path.
         splits = min(4, triton.cdiv(N, block_n))
         return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits, num_warps=4,
-                    merge_q=block_q)
+                    merge_q=block_q, use_dot=False)
     block_n = max(kp, 64)
     block_q = 16 if kp >= 128 else 32
     num_warps = 4 if block_q * block_n <= 4096 else 8
@@ -210,7 +221,7 @@ def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, i
     splits = triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
     merge_q = max(1, min(32, 4096 // kp))
     return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits,
-                num_warps=num_warps, merge_q=merge_q)
+                num_warps=num_warps, merge_q=merge_q, use_dot=True)
 
 
 @torch.library.custom_op("acn_kernels::triton_masked_topk", mutates_args=())
@@ -263,7 +274,7 @@ def triton_masked_topk(
     n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     tiles_per_split = triton.cdiv(n_tiles, splits)
     part = torch.empty((B, splits, kp) if splits > 1 else (0,), dtype=torch.int64, device=dev)
-    mask_u8 = exclude_mask.view(torch.uint8) if exclude_mask is not None else queries
+    mask_u8 = exclude_mask.contiguous().view(torch.uint8) if exclude_mask is not None else queries
     exi = exclude_index.contiguous() if exclude_index is not None else queries
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with ctx:
@@ -272,6 +283,7 @@ def triton_masked_topk(
             B, N, D, k, tiles_per_split,
             queries.stride(0), queries.stride(1), bank.stride(0), bank.stride(1),
             HAS_MASK=exclude_mask is not None, HAS_EXI=exclude_index is not None, FINAL=splits == 1,
+            USE_DOT=cfg["use_dot"],
             BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], KP=kp,
             LOG_N=cfg["BLOCK_N"].bit_length() - 1, LOG_KP=kp.bit_length() - 1, num_warps=cfg["num_warps"],
         )
