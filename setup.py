@@ -37,7 +37,9 @@ def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-DACN_WITH_OPENMP", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 on old
+    # torch, C++20 on current releases; torch 2.14's headers refuse C++17) when none is given.
+    cxx = ["-O3", "-fopenmp", "-DACN_WITH_OPENMP"]
     if not _want_cuda():
         return CppExtension(
             "acn_kernels._C", sources, include_dirs=include_dirs,
@@ -50,7 +52,7 @@ def _extension():
         "acn_kernels._C", sources, include_dirs=include_dirs,
         extra_compile_args={
             "cxx": cxx + ["-DACN_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "--use_fast_math", "-std=c++17"],
+            "nvcc": ["-O3", "-lineinfo", "--use_fast_math"],
         },
         extra_link_args=["-fopenmp"],
     )

@@ -1,5 +1,7 @@
 // CUDA binding of the mixture ops: argument checks, contiguity, output allocation, device guard
 // and stream; the kernels are the raw-pointer launchers of mixture.cu (launchers.h).
+// Named <op>_binding.cpp rather than <op>.cpp: setuptools names object files by stem, and
+// <op>.cpp would collide with <op>.cu in the build directory.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

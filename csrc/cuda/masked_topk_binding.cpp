@@ -1,5 +1,7 @@
 // CUDA binding of masked_topk: argument checks, contiguity, output and workspace allocation,
 // device guard and stream; the kernels are the raw-pointer launchers of masked_topk.cu.
+// Named <op>_binding.cpp rather than <op>.cpp: setuptools names object files by stem, and
+// <op>.cpp would collide with <op>.cu in the build directory.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
