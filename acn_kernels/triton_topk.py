@@ -27,9 +27,9 @@ on their place in the tile, which would break exact ties.
 Extra memory: the [B, S, KP] candidate keys, never B x N. Rows are addressed with 64-bit
 offsets; the key keeps 32 bits for the row, so the bank must hold fewer than 2^32 - 1 rows
 (checked). Inputs float32/float16/bfloat16 (converted to float32 on load); float64 is rejected
-with a clear error (DESIGN.md keeps it to "cpu" and "torch"). The distance is the expanded form,
-so a pair whose |q|^2 or |b|^2 overflows float32 (entries above about 1e19) reports FLT_MAX even
-when q and b are close; its exact distance would be representable only in that rare case.
+with a clear error (DESIGN.md keeps it to "cpu" and "torch"). Pairs whose expanded form
+overflows float32 are recomputed in the direct form (entries above about 1e19 only), so FLT_MAX
+is reported exactly where the distance itself overflows.
 """
 
 from __future__ import annotations
@@ -149,11 +149,21 @@ def _topk_partial_kernel(
             bn += tl.sum(b * b, axis=1)
             bok = bok & (tl.min((tl.abs(b) < float("inf")).to(tl.int32), axis=1) > 0)
         d = qn[:, None] + bn[None, :] - 2.0 * dot
-        # For finite inputs a NaN can only come from inf - inf, i.e. an overflow: report FLT_MAX.
-        d = tl.where(d != d, float("inf"), d)
+        ok = qok[:, None] & bok[None, :]
+        # A finite pair whose expanded form overflowed (inf, or inf - inf = NaN): recompute those
+        # pairs in the direct form, sum_d (q_d - b_d)^2, which overflows only when the distance
+        # itself does. Rare (entries above about 1e19), so a plain loop over the dimensions.
+        over = ok & ((d != d) | (d == float("inf")))
+        if tl.max(tl.max(over.to(tl.int32), axis=1), axis=0) > 0:
+            exact = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+            for dd in range(0, D):
+                qd = tl.load(q_ptr + rq * stride_qb + dd * stride_qd, mask=qmask, other=0.0).to(tl.float32)
+                bd = tl.load(b_ptr + rn * stride_bn + dd * stride_bd, mask=nmask, other=0.0).to(tl.float32)
+                diff = qd[:, None] - bd[None, :]
+                exact += diff * diff
+            d = tl.where(over, exact, d)
         d = tl.where(d > 0.0, d, 0.0)  # clamp; also turns -0.0 into +0.0
         d = tl.where(d == float("inf"), _FLT_MAX, d)
-        ok = qok[:, None] & bok[None, :]
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + rn, mask=nmask, other=1) == 0)[None, :]
         if HAS_EXI:
