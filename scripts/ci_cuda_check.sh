@@ -78,7 +78,8 @@ t0=$SECONDS
   cd "$build_dir"
   ACN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" CUDA_HOME="$CUDA_HOME" \
     "$VENV/bin/python" setup.py -q build_ext --inplace >build.log 2>&1 \
-    || { tail -n 60 build.log >&2; echo "FAIL: CUDA build of _C" >&2; exit 1; }
+    || { grep -E -A12 '^FAILED:' build.log | head -n 80 >&2 || tail -n 60 build.log >&2
+         echo "FAIL: CUDA build of _C" >&2; exit 1; }
 )
 echo "ok   CUDA build of _C ($((SECONDS - t0)) s)"
 

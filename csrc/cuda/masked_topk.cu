@@ -140,13 +140,17 @@ struct BlockSelect {
     buf_i[q * cap + pos] = i;
   }
 
-  // Block-wide, after a barrier: true when some buffer could overflow in the next round (or, with
-  // `final`, holds anything). Every thread reads the same counts, so the answer is uniform.
-  __device__ bool needs_flush(bool final) const {
+  // Block-wide, at the end of a round of offers (at most one per thread and query): flushes when
+  // some buffer could overflow in the next round or, with `final`, holds anything. The decision
+  // reads the counts between two barriers, so it is the same in every thread, and no thread
+  // offers again before all have read them.
+  __device__ void end_round(bool final) {
+    __syncthreads();
     const int limit = final ? 0 : cap - kThreads;
-    for (int q = 0; q < QB; ++q)
-      if (count[q] > limit) return true;
-    return false;
+    bool full = false;
+    for (int q = 0; q < QB; ++q) full = full || count[q] > limit;
+    __syncthreads();
+    if (full) flush();
   }
 
   __device__ static void cmp_swap(acc_t* d, IdxT* ix, int a, int b, bool ascending) {
@@ -160,8 +164,8 @@ struct BlockSelect {
     }
   }
 
-  // Block-wide (all threads, uniform call): sort the buffers, merge them into the lists, empty
-  // them. Queries with an empty buffer skip the work but not the barriers.
+  // Block-wide (all threads, uniform call, after a barrier): sort the buffers, merge them into the
+  // lists, empty them. Queries with an empty buffer skip the work but not the barriers.
   __device__ void flush() {
     for (int e = threadIdx.x; e < QB * cap; e += blockDim.x) {
       const int q = e / cap, j = e % cap;
@@ -215,8 +219,10 @@ struct TopkArgs {
   int64_t split_rows, splits;
 };
 
+// Two blocks per SM: lets ptxas use up to 128 registers (QB accumulators, the staged chunk of the
+// thread's row, the exclusions) without spilling.
 template <typename scalar_t, int QB>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     topk_partial_kernel(TopkArgs a, const scalar_t* __restrict__ queries,
                         const scalar_t* __restrict__ bank, const bool* __restrict__ exclude_mask,
                         const int64_t* __restrict__ exclude_index,
@@ -303,11 +309,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < QB; ++q)
         if (qok[q] && row != excl[q]) sel.offer(q, finish_dist(acc[q]), int32_t(row - row_begin));
     }
-    __syncthreads();
-    if (sel.needs_flush(false)) sel.flush();
+    sel.end_round(false);
   }
-  __syncthreads();
-  if (sel.needs_flush(true)) sel.flush();
+  sel.end_round(true);
 
   // With one split this is the answer; otherwise the [B, splits, k] partial lists.
   for (int e = tid; e < QB * a.k; e += kThreads) {
@@ -337,11 +341,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = 0; base < n; base += kThreads) {
     const int64_t e = base + threadIdx.x;
     if (e < n && pi[e] >= 0) sel.offer(0, pd[e], pi[e]);
-    __syncthreads();
-    if (sel.needs_flush(false)) sel.flush();
+    sel.end_round(false);
   }
-  __syncthreads();
-  if (sel.needs_flush(true)) sel.flush();
+  sel.end_round(true);
   for (int j = threadIdx.x; j < a.k; j += kThreads) {
     out_d[b * a.k + j] = sel.list_d[j];
     out_i[b * a.k + j] = sel.list_i[j];

@@ -2,9 +2,9 @@
 // device guard and stream; the kernels are the raw-pointer launchers of masked_topk.cu.
 // Named <op>_binding.cpp rather than <op>.cpp: setuptools names object files by stem, and
 // <op>.cpp would collide with <op>.cu in the build directory.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../utils.h"
 #include "launchers.h"
@@ -45,7 +45,9 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
   if (B == 0) return {dists, indices};
 
   acn::cuda::TopkPlan plan;
-  C10_CUDA_CHECK(acn::cuda::masked_topk_plan(dt, B, N, D, static_cast<int>(k), &plan));
+  const cudaError_t plan_err = acn::cuda::masked_topk_plan(dt, B, N, D, static_cast<int>(k), &plan);
+  TORCH_CHECK(plan_err == cudaSuccess, "masked_topk (cuda): no launch configuration for B=", B,
+              ", N=", N, ", D=", D, ", k=", k, ": ", cudaGetErrorString(plan_err));
   // Per-split lists of the bank splits (workspace, bounded by the plan; never B x N).
   at::Tensor part_d, part_i;
   if (plan.partial_entries() > 0) {
@@ -57,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
       mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
       excl.defined() ? excl.const_data_ptr<int64_t>() : nullptr, dists.data_ptr(),
       indices.data_ptr<int64_t>(), part_d.defined() ? part_d.data_ptr() : nullptr,
-      part_i.defined() ? part_i.data_ptr<int64_t>() : nullptr, at::cuda::getCurrentCUDAStream()));
+      part_i.defined() ? part_i.data_ptr<int64_t>() : nullptr, c10::cuda::getCurrentCUDAStream()));
   return {dists, indices};
 }
 

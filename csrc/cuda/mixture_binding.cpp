@@ -2,9 +2,9 @@
 // and stream; the kernels are the raw-pointer launchers of mixture.cu (launchers.h).
 // Named <op>_binding.cpp rather than <op>.cpp: setuptools names object files by stem, and
 // <op>.cpp would collide with <op>.cu in the build directory.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../utils.h"
 #include "launchers.h"
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_fwd_cuda(const at::Tensor& z_, const 
   C10_CUDA_CHECK(acn::cuda::mixture_fwd(dt, B, D, M, z.const_data_ptr(), lg.const_data_ptr(),
                                         mu.const_data_ptr(), ls.const_data_ptr(), ptr_or_null(code),
                                         per_dim, out.data_ptr(), lse.data_ptr(),
-                                        at::cuda::getCurrentCUDAStream()));
+                                        c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_b
       dt, B, D, M, grad.const_data_ptr(), z.const_data_ptr(), lg.const_data_ptr(),
       mu.const_data_ptr(), ls.const_data_ptr(), ptr_or_null(code), lse.const_data_ptr(), per_dim,
       dz.data_ptr(), dlg.data_ptr(), dmu.data_ptr(), dls.data_ptr(),
-      code.defined() ? dcode.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()));
+      code.defined() ? dcode.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream()));
   return {dz, dlg, dmu, dls, dcode};
 }
 
