@@ -11,6 +11,7 @@ sizes, ACN_TEST_HUGE=1 the > 2^31-element bank (about 4.3 GB of GPU memory).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import pathlib
@@ -51,6 +52,37 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip("_C not built with CUDA")
     for op in ("mixture_fwd", "mixture_bwd", "masked_topk"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"acn_kernels::{op}", "CUDA"), op
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_results_table_and_junit(tmp_path):
+    """The Python side of scripts/gpu_check.sh: table rows and pytest counts."""
+    gc = _gpu_check_module()
+    results = tmp_path / "out" / "results.md"
+    gc.append_row(results, "build", "_C", "pass", "12 s | log")
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="1" skipped="1">'
+        '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    assert gc.junit_row(str(results), "test", "pytest", str(xml)) == 1
+    lines = results.read_text().splitlines()
+    assert lines[0] == "| stage | item | result | numbers |"
+    assert lines[2] == "| build | _C | pass | 12 s / log |"
+    assert lines[3].startswith("| test | pytest | FAIL | 2 passed, 1 failed, 1 errors, 1 skipped")
+
+
+@pytest.mark.skipif(_ext.C is None, reason="needs the compiled extension")
+def test_gpu_check_driver_runs_on_cpu():
+    """The sanitizer driver checks its own results: on CPU tensors it drives the cpu kernels."""
+    assert _gpu_check_module().driver("cpu") == 0
 
 
 # ---------------------------------------------------------------------------------------------
