@@ -191,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (as acn-train's --threads)")
     p.add_argument("--daydream-steps", type=int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and PCA references")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     results: dict[str, dict[str, Any]] = {}
     data = None
