@@ -167,16 +167,16 @@ def _mixture_bwd_kernel(
 # Launchers
 
 
-def _blocks(D: int, M: int) -> tuple[int, int, int]:
+def _blocks(D: int, M: int, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_D, BLOCK_M) for a [B, D, M] problem (launched with 4 warps).
 
-    On a GPU about 2048 (element, component) pairs per program; under the interpreter 32768, so
-    that small test problems take one or a few programs.
+    On a GPU 512 (element, component) pairs per program, four per thread: each carries 64-bit
+    addresses and a dozen temporaries, and sm_90 ptxas needs 70 to 170 registers for that (2048
+    pairs spill). Under the interpreter 32768, so that small test problems take few programs.
     """
-    interp = _backend.triton_interpreting()
-    block_m = min(triton.next_power_of_2(M), 64 if interp else 16)
-    block_d = min(triton.next_power_of_2(max(D, 1)), 64 if interp else 32)
-    target = 32768 if interp else 2048
+    block_m = min(triton.next_power_of_2(M), 64 if interpret else 16)
+    block_d = min(triton.next_power_of_2(max(D, 1)), 64 if interpret else 32)
+    target = 32768 if interpret else 512
     block_b = max(1, target // (block_d * block_m))
     return block_b, block_d, block_m
 
@@ -232,7 +232,7 @@ def triton_mixture_fwd(
     M = logits.shape[2]
     out = _testing.new_output((B, D) if per_dim else (B,), torch.float32, z.device)
     lse = _testing.new_output((B, D, 2), torch.float32, z.device)
-    block_b, block_d, block_m = _blocks(D, M)
+    block_b, block_d, block_m = _blocks(D, M, z.device.type == "cpu")
     d_per_prog = block_d if per_dim else triton.cdiv(D, block_d) * block_d
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d) if per_dim else 1)
     if B > 0 and grid[1] > 0:
@@ -285,7 +285,7 @@ def triton_mixture_bwd(
     dmu = _testing.new_output(logits.shape, z.dtype, z.device)
     dls = _testing.new_output(logits.shape, z.dtype, z.device)
     dcode = _testing.new_output(z.shape if code is not None else (0,), z.dtype, z.device)
-    block_b, block_d, block_m = _blocks(D, M)
+    block_b, block_d, block_m = _blocks(D, M, z.device.type == "cpu")
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
     if B > 0 and D > 0:
         with _device_ctx(z):

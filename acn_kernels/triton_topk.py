@@ -128,9 +128,10 @@ def _topk_partial_kernel(
     if HAS_EXI:
         exi = tl.load(exi_ptr + rq, mask=qmask, other=-1)
     best = tl.full([BLOCK_Q, KP], _SENTINEL, tl.int64)
-    n_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_N
-    for t in range(0, tiles_per_split):
-        rn = n_begin + t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n0 = pid_s.to(tl.int64) * tiles_per_split * BLOCK_N  # int64: N may exceed 2^31 rows
+    for _ in range(0, tiles_per_split):
+        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n0 += BLOCK_N
         nmask = rn < N
         dot = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
         bn = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -173,13 +174,16 @@ def _topk_partial_kernel(
         # Merge only when some key beats its query's current k-th (the list is sorted).
         kth = tl.max(best, axis=1)
         if tl.max((tl.min(key, axis=1) < kth).to(tl.int32), axis=0) > 0:
-            key = _bitonic_sort(key, BLOCK_Q, BLOCK_N, LOG_N, 1)
+            # (New names inside the branch: Triton's if needs loop-carried values to keep their type.)
+            tile = _bitonic_sort(key, BLOCK_Q, BLOCK_N, LOG_N, 1)
             if BLOCK_N > KP:
                 # The KP smallest, descending: the last block of the [BQ, BLOCK_N // KP, KP] view.
                 blk = tl.arange(0, BLOCK_N // KP)[None, :, None]
-                key = tl.min(tl.where(blk == BLOCK_N // KP - 1, tl.reshape(key, [BLOCK_Q, BLOCK_N // KP, KP]),
-                                      _SENTINEL), axis=1)
-            best = _merge_lists(best, key, BLOCK_Q, KP, LOG_KP)
+                view = tl.reshape(tile, [BLOCK_Q, BLOCK_N // KP, KP])
+                top = tl.min(tl.where(blk == BLOCK_N // KP - 1, view, _SENTINEL), axis=1)
+            else:
+                top = tile
+            best = _merge_lists(best, top, BLOCK_Q, KP, LOG_KP)
     if FINAL:
         _decode_store(best, rq, qmask, dist_ptr, idx_ptr, k, KP)
     else:
@@ -207,12 +211,13 @@ def _topk_merge_kernel(part_ptr, dist_ptr, idx_ptr, B, S, k,
 # Launcher
 
 
-def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, int]:
+def _config(B: int, N: int, D: int, k: int, sms: int | None) -> dict[str, int]:
     """Block sizes, warps, the number of bank splits (plain heuristics, no autotuning) and whether
-    q.b is a tl.dot (see the module docstring)."""
+    q.b is a tl.dot (see the module docstring), for a GPU with ``sms`` multiprocessors, or for the
+    interpreter when ``sms`` is None."""
     kp = max(2, triton.next_power_of_2(k))
     block_d = min(64, max(16, triton.next_power_of_2(D)))  # tl.dot needs every dim >= 16
-    if _backend.triton_interpreting():
+    if sms is None:
         # Few, large programs: the interpreter pays about a millisecond per program.
         block_q = min(64, max(16, triton.next_power_of_2(B)))
         block_n = max(kp, min(256, max(16, triton.next_power_of_2(N))))
@@ -220,12 +225,13 @@ def _config(B: int, N: int, D: int, k: int, device: torch.device) -> dict[str, i
         splits = min(4, triton.cdiv(N, block_n))
         return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits, num_warps=4,
                     merge_q=block_q, use_dot=False)
+    # 16 queries (tl.dot's minimum) by 64 rows or more, about 8 tile elements per thread: sm_90
+    # ptxas then needs 110 to 180 registers without spilling up to k = 256 (k = 1024 spills).
+    block_q = 16
     block_n = max(kp, 64)
-    block_q = 16 if kp >= 128 else 32
-    num_warps = 4 if block_q * block_n <= 4096 else 8
+    num_warps = min(16, block_q * block_n // 128)
     n_tiles = triton.cdiv(N, block_n)
     q_blocks = triton.cdiv(B, block_q)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     # Enough programs to fill the GPU about four times; each split gets whole tiles.
     splits = max(1, min(n_tiles, triton.cdiv(4 * sms, q_blocks)))
     splits = triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
@@ -279,7 +285,8 @@ def triton_masked_topk(
     idx = _testing.new_output((B, k), torch.int64, dev)
     if B == 0:
         return dists, idx
-    cfg = _config(B, N, D, k, dev)
+    sms = None if dev.type == "cpu" else torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg = _config(B, N, D, k, sms)
     splits, kp = cfg["splits"], cfg["KP"]
     n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     tiles_per_split = triton.cdiv(n_tiles, splits)

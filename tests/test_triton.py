@@ -124,6 +124,24 @@ def test_acn_kl_vs_reference(b, d, m):
         assert_close_f64(got, want, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("b,d,m", [(5, 40, 17), (9, 3, 2), (3, 70, 33)])
+def test_mixture_gpu_blocks(monkeypatch, b, d, m):
+    """The GPU block sizes (32 dimensions by 16 components, so several chunks of each), run under
+    the interpreter too."""
+    from acn_kernels import triton_mixture
+
+    if INTERPRET:
+        real = triton_mixture._blocks
+        monkeypatch.setattr(triton_mixture, "_blocks", lambda D, M, interpret: real(D, M, False))
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=m)
+    for kind, ins, per_dim in (("lp", [z, lg, mu, ls], True), ("lp", [z, lg, mu, ls], False),
+                               ("kl", [z, code, lg, mu, ls], False)):
+        (out, grads), (ref, ref_grads) = kernel_and_reference(kind, ins, per_dim)
+        assert_close_f64(out, ref, rtol=1e-5, atol=2e-5 * d)
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert_close_f64(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_mixture_vs_mixture_same_family():
     z, lg, mu, ls, _ = mixture_inputs(9, 21, 6, seed=5)
     out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=BE)
@@ -367,18 +385,23 @@ def test_topk_random_vs_reference(b, n, d, k):
     assert_selection_close(topk(q, bank, k, mask), ref_topk(q, bank, k, mask), q, bank)
 
 
-def test_topk_interpreter_runs_the_gpu_dot_path(monkeypatch):
-    """The GPU path computes q.b with tl.dot(input_precision="ieee"); run it here too."""
-    if not INTERPRET:
-        pytest.skip("on a GPU every test runs the tl.dot path")
+@pytest.mark.parametrize("b,n,d,k", [(17, 301, 16, 5), (3, 900, 7, 100), (20, 130, 33, 64), (2, 300, 5, 300)])
+def test_topk_gpu_configuration(monkeypatch, b, n, d, k):
+    """The GPU launch configuration (tl.dot, 16-query blocks, 64-row tiles, many splits and the
+    merge kernel), run under the interpreter too; grid data keeps the dot exact, so the result
+    must equal the reference bit for bit."""
     from acn_kernels import triton_topk
 
-    real = triton_topk._config
-    monkeypatch.setattr(triton_topk, "_config", lambda *a: {**real(*a), "use_dot": True})
-    g = torch.Generator().manual_seed(3)
-    q, bank = torch.randn(21, 13, generator=g), torch.randn(600, 13, generator=g)
-    excl = torch.randint(-1, 600, (21,), generator=g)
-    assert_selection_close(topk(q, bank, 9, None, excl), ref_topk(q, bank, 9, None, excl), q, bank)
+    if INTERPRET:
+        real = triton_topk._config
+        monkeypatch.setattr(triton_topk, "_config", lambda B, N, D, k, sms: real(B, N, D, k, 132))
+    g = torch.Generator().manual_seed(n * k)
+    q, bank = grid_data(b, d, seed=b + 2), grid_data(n, d, seed=n + 2)
+    mask = (torch.rand(n, generator=g) < 0.3).to(DEVICE)
+    excl = torch.randint(-1, n, (b,), generator=g).to(DEVICE)
+    assert_exact(topk(q, bank, k, mask, excl), ref_topk(q, bank, k, mask, excl))
+    q, bank = torch.randn(b, d, generator=g).to(DEVICE), torch.randn(n, d, generator=g).to(DEVICE)
+    assert_selection_close(topk(q, bank, k), ref_topk(q, bank, k), q, bank)
 
 
 def test_topk_duplicate_rows_tie_to_smaller_index():
