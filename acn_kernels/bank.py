@@ -34,8 +34,14 @@ class CodeBank(nn.Module):
         k: K, how many nearest eligible rows each query draws its neighbour from (default 5).
         seed: seeds the counter-based neighbour picks (:mod:`acn_kernels.rng`).
         max_search_k: the largest k of one :func:`~acn_kernels.masked_topk` call (default and
-            maximum ``MAX_K``). A batch of G queries needs K + G - 1 candidates per query to be
-            exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.
+            maximum ``MAX_K``). A batch of G queries may need K + G - 1 candidates per query to
+            be exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.
+        headroom: extra candidates searched per query beyond K (None, the default, means K; at
+            least G - 1, e.g. ``MAX_K``, gives the worst-case width that never searches twice,
+            K + G - 1). A query that loses more than ``headroom``
+            of its candidates to earlier queries of its chunk is searched again on its own with
+            those picks masked, so the result is the same whatever the headroom; a small one
+            saves search work, because such losses are rare in a large bank.
         backend: passed to :func:`~acn_kernels.masked_topk` (None = automatic dispatch).
 
     Buffers (moved by ``.to()``, saved by ``state_dict``): ``codes`` [N, D] float32, initialised
@@ -61,6 +67,7 @@ class CodeBank(nn.Module):
         seed: int = 0,
         *,
         max_search_k: int = MAX_K,
+        headroom: int | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -73,7 +80,10 @@ class CodeBank(nn.Module):
         if not k <= max_search_k <= MAX_K:
             raise ValueError(f"max_search_k must lie in [k={k}, MAX_K={MAX_K}], got {max_search_k}")
         self.num_codes, self.code_dim, self.k, self.seed = int(num_codes), int(code_dim), int(k), int(seed)
+        if headroom is not None and headroom < 0:
+            raise ValueError(f"headroom must be >= 0 or None, got {headroom}")
         self.max_search_k = int(max_search_k)
+        self.headroom = self.k if headroom is None else int(headroom)
         self.backend = backend
         self.pass_index = 0
         self.fallbacks = 0
@@ -205,18 +215,20 @@ class CodeBank(nn.Module):
         pending: list[int] = []  # queries left without candidates: the end-of-pass fallback
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
-            # Query b of the chunk loses at most b-s rows to earlier queries of the chunk, so
-            # K + G - 1 candidates per query make the sequential resolution exact.
-            search_k = min(k + (e - s) - 1, n)
+            # Query q of the chunk loses at most q-s rows to earlier queries of the chunk, so
+            # K + G - 1 candidates per query always suffice; fewer usually do (see headroom).
+            search_k = min(k + min(e - s - 1, self.headroom), n)
             cand = self._candidates(self.codes[index[s:e]], search_k, used, index[s:e]).cpu().numpy()
             taken: set[int] = set()
             for q in range(s, e):
-                mine: list[int] = []
-                for r in cand[q - s]:
-                    if r < 0 or len(mine) == k:
-                        break
-                    if r not in taken:
-                        mine.append(int(r))
+                mine = [int(r) for r in cand[q - s] if r >= 0 and r not in taken][:k]
+                if len(mine) < k and cand[q - s][-1] >= 0:
+                    # The list was full, so eligible rows may lie beyond it: search this query
+                    # again with the chunk's earlier picks masked (exactly its candidates).
+                    mask = used.clone()
+                    mask[torch.tensor(sorted(taken), device=used.device)] = True
+                    again = self._candidates(self.codes[index[q : q + 1]], k, mask, index[q : q + 1])
+                    mine = [int(r) for r in again[0].cpu().numpy() if r >= 0]
                 if mine:
                     rows[q] = mine[int(u[q] * len(mine))]
                     taken.add(int(rows[q]))

@@ -55,15 +55,21 @@ def twin_banks(n: int, d: int, k: int, seed: int, device: str, **kw) -> tuple[Co
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("n", "d", "k", "batch", "max_search_k"), [
-    (37, 3, 5, 8, MAX_K),   # several batches per pass, ends with the fallback
-    (11, 2, 4, 5, MAX_K),   # tiny bank: candidates capped by N
-    (50, 4, 3, 17, 6),      # chunks of max_search_k - k + 1 = 4 queries
-    (23, 2, 1, 6, 1),       # K = 1, chunks of one query
+@pytest.mark.parametrize(("n", "d", "k", "batch", "max_search_k", "headroom"), [
+    (37, 3, 5, 8, MAX_K, MAX_K),  # the worst-case width K + G - 1; ends with the fallback
+    (37, 3, 5, 8, MAX_K, None),   # the default headroom K
+    (40, 2, 4, 16, MAX_K, 0),     # no headroom: many queries searched again
+    (11, 2, 4, 5, MAX_K, 1),      # tiny bank: candidates capped by N
+    (50, 4, 3, 17, 6, MAX_K),     # chunks of max_search_k - k + 1 = 4 queries
+    (50, 4, 3, 17, 6, 1),         # chunks and searches again
+    (23, 2, 1, 6, 1, None),       # K = 1, chunks of one query
 ])
-def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, device):
+def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, headroom, device, monkeypatch):
     gen = torch.Generator().manual_seed(n * 7 + batch)
-    a, b = twin_banks(n, d, k, seed=3, device=device, max_search_k=max_search_k)
+    a, b = twin_banks(n, d, k, seed=3, device=device, max_search_k=max_search_k, headroom=headroom)
+    calls = []
+    search = a._candidates
+    monkeypatch.setattr(a, "_candidates", lambda q, kk, m, i: calls.append(q.shape[0]) or search(q, kk, m, i))
     for _ in range(2):
         start = a.fallbacks
         order = torch.randperm(n, generator=gen).to(device)
@@ -81,6 +87,10 @@ def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, de
         a.new_pass()
         b.new_pass()
     assert a.pass_index == 2
+    if headroom == 0:
+        assert calls.count(1) > 10  # the repeated single-query searches were exercised
+    if headroom == MAX_K and max_search_k == MAX_K:
+        assert len(calls) == 2 * -(-n // batch) + a.fallbacks  # one search per batch (+ fallbacks)
 
 
 def test_one_pass_is_a_derangement_except_the_fallback():
@@ -197,6 +207,8 @@ def test_constructor_errors():
         CodeBank(10, 3, k=0)
     with pytest.raises(ValueError, match="max_search_k"):
         CodeBank(10, 3, k=5, max_search_k=4)
+    with pytest.raises(ValueError, match="headroom"):
+        CodeBank(10, 3, headroom=-1)
 
 
 # ----------------------------------------------------------------------------------------------
