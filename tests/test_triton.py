@@ -11,6 +11,10 @@ interpreter each program costs about a millisecond of Python.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -546,3 +550,57 @@ def test_topk_torch_compile_fullgraph():
         assert torch.equal(i, ri)
         torch.testing.assert_close(s, rs)
         torch.testing.assert_close(torch.autograd.grad(s, q)[0], torch.autograd.grad(rs, q)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU code path without a GPU
+
+_SM90_COMPILE = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from acn_kernels import triton_mixture as tm, triton_topk as tt
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(fn, sig, consts, warps):
+        sig = {**sig, **{name: "constexpr" for name in consts}}
+        triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options={"num_warps": warps})
+
+    for dt, has_code, per_dim, (d, m) in [("fp32", True, False, (16, 3)), ("bf16", False, True, (40, 17))]:
+        bb, bd, bm = tm._blocks(d, m, False)
+        consts = dict(HAS_CODE=has_code, PER_DIM=per_dim, BLOCK_B=bb, BLOCK_D=bd, BLOCK_M=bm)
+        ins = {n: "*" + dt for n in ("z_ptr", "lg_ptr", "mu_ptr", "ls_ptr", "code_ptr")}
+        build(tm._mixture_fwd_kernel, {**ins, "out_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "D": "i32",
+                                       "M": "i32", "d_per_prog": "i32"}, consts, 4)
+        grads = {n: "*" + dt for n in ("dz_ptr", "dlg_ptr", "dmu_ptr", "dls_ptr", "dcode_ptr")}
+        build(tm._mixture_bwd_kernel, {"grad_ptr": "*fp32", **ins, "lse_ptr": "*fp32", **grads, "B": "i32",
+                                       "D": "i32", "M": "i32"}, consts, 4)
+    for dt, k, final in [("fp32", 5, False), ("fp16", 40, True)]:
+        cfg = tt._config(128, 60000, 16, k, 132)
+        kp = cfg["KP"]
+        sig = dict(q_ptr="*" + dt, b_ptr="*" + dt, mask_ptr="*u8", exi_ptr="*i64", part_ptr="*i64",
+                   dist_ptr="*fp32", idx_ptr="*i64", B="i32", N="i32", D="i32", k="i32",
+                   tiles_per_split="i32", stride_qb="i64", stride_qd="i32", stride_bn="i64", stride_bd="i32")
+        build(tt._topk_partial_kernel, sig, dict(
+            HAS_MASK=True, HAS_EXI=True, FINAL=final, USE_DOT=cfg["use_dot"], BLOCK_Q=cfg["BLOCK_Q"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], KP=kp, LOG_N=cfg["BLOCK_N"].bit_length() - 1,
+            LOG_KP=kp.bit_length() - 1), cfg["num_warps"])
+        merge_sig = dict(part_ptr="*i64", dist_ptr="*fp32", idx_ptr="*i64", B="i32", S="i32", k="i32")
+        merge_consts = dict(BLOCK_Q=cfg["merge_q"], KP=kp, LOG_KP=kp.bit_length() - 1)
+        build(tt._topk_merge_kernel, merge_sig, merge_consts, 4)
+    print("compiled")
+""")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="with a GPU every other test compiles and runs the kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile the GPU configurations of every
+    kernel for sm_90 (front end, LLVM and ptxas; no driver needed) in a process without
+    TRITON_INTERPRET, so a kernel that only the interpreter accepts fails here."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                         timeout=540)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
