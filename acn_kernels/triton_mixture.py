@@ -181,14 +181,20 @@ def _blocks(D: int, M: int, interpret: bool) -> tuple[int, int, int]:
     return block_b, block_d, block_m
 
 
-def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
+def check_device(device: torch.device, kernel: object) -> None:
+    """Raise unless the Triton ``kernel`` can run tensors on ``device``: CUDA tensors, or CPU
+    tensors when the kernels were defined under TRITON_INTERPRET=1 (shared with triton_topk)."""
+    if device.type == "cuda":
         return
-    if t.device.type == "cpu" and _backend.triton_interpreting():
-        return
-    raise RuntimeError(
-        f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {t.device}"
-    )
+    if device.type != "cpu" or not _backend.triton_interpreting():
+        raise RuntimeError(
+            f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {device}"
+        )
+    if type(kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after acn_kernels defined its Triton kernels, which were "
+            "compiled for the GPU; set it before the first call with backend='triton'"
+        )
 
 
 def _check_args(z, logits, means, log_scales, code) -> None:
@@ -198,7 +204,7 @@ def _check_args(z, logits, means, log_scales, code) -> None:
             f"z has dtype {z.dtype}: the triton backend supports float32, float16 and bfloat16 "
             "(use backend='cpu' or 'torch' for float64)"
         )
-    _check_device(z)
+    check_device(z.device, _mixture_fwd_kernel)
 
 
 def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _testing, ops
+from . import _testing, ops
+from .triton_mixture import check_device
 
 # (+inf bits) << 32 | (2^32 - 1): after every eligible key, decodes to (+inf, padding).
 _SENTINEL = tl.constexpr(0x7F800000FFFFFFFF)
@@ -273,10 +274,7 @@ def triton_masked_topk(
             "bfloat16 (use backend='cpu' or 'torch' for float64)"
         )
     dev = queries.device
-    if not (dev.type == "cuda" or (dev.type == "cpu" and _backend.triton_interpreting())):
-        raise RuntimeError(
-            f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {dev}"
-        )
+    check_device(dev, _topk_partial_kernel)
     B, D = queries.shape
     N = bank.shape[0]
     if N >= _MAX_ROWS:
