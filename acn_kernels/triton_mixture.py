@@ -20,8 +20,8 @@ arithmetic; the result and ``lse`` are float32, gradients come back in the input
 is rejected with a clear error (DESIGN.md keeps float64 to the "cpu" and "torch" backends).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations, and older
+# torch versions need them as objects, not strings.
 import contextlib
 
 import torch

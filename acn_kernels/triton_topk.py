@@ -32,8 +32,8 @@ overflows float32 are recomputed in the direct form (entries above about 1e19 on
 is reported exactly where the distance itself overflows.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations, and older
+# torch versions need them as objects, not strings.
 import contextlib
 
 import torch

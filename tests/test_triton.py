@@ -147,13 +147,21 @@ def test_mixture_gpu_blocks(monkeypatch, b, d, m):
 
 
 def test_mixture_vs_mixture_same_family():
-    z, lg, mu, ls, _ = mixture_inputs(9, 21, 6, seed=5)
-    out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=BE)
-    z, lg, mu, ls = f64([z, lg, mu, ls])
-    msf = torch.distributions.MixtureSameFamily(
-        torch.distributions.Categorical(logits=lg), torch.distributions.Normal(mu, ls.exp())
-    )
-    assert_close_f64(out, msf.log_prob(z).sum(-1), rtol=1e-5, atol=1e-4)
+    """The independent oracle: torch.distributions.MixtureSameFamily, forward and gradients."""
+
+    def msf(z, lg, mu, ls):
+        mix = torch.distributions.MixtureSameFamily(
+            torch.distributions.Categorical(logits=lg), torch.distributions.Normal(mu, ls.exp())
+        )
+        return mix.log_prob(z).sum(-1)
+
+    ins = mixture_inputs(9, 21, 6, seed=5)[:4]
+    with poisoned_outputs():
+        out, grads = value_and_grads(lambda *t: acn_kernels.mixture_log_prob(*t, backend=BE), ins)
+    want, want_grads = value_and_grads(msf, f64(ins))
+    assert_close_f64(out, want, rtol=1e-5, atol=1e-4)
+    for got, w in zip(grads, want_grads, strict=True):
+        assert_close_f64(got, w, rtol=1e-4, atol=1e-5)
 
 
 def test_mixture_extreme_parameters():
