@@ -85,7 +85,8 @@ def _bitonic_sort(x, BQ: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DES
 @triton.jit
 def _merge_lists(best, cand_desc, BQ: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
     """The KP smallest keys of the ascending list ``best`` and the descending list ``cand_desc``,
-    ascending: min(a_i, b_{KP-1-i}) holds them as a bitonic sequence, which log2(KP) steps sort."""
+    ascending: their elementwise minimum holds exactly those keys as a bitonic sequence (rising,
+    then falling), which log2(KP) compare-and-swap steps sort."""
     x = tl.minimum(best, cand_desc)
     for jj in tl.static_range(LOG_KP):
         x = _compare_swap(x, BQ, KP, LOG_KP - 1 - jj, -1, 0)
@@ -94,6 +95,7 @@ def _merge_lists(best, cand_desc, BQ: tl.constexpr, KP: tl.constexpr, LOG_KP: tl
 
 @triton.jit
 def _decode_store(best, rq, qmask, dist_ptr, idx_ptr, k, KP: tl.constexpr):
+    """Write the first k keys of each row as (distance, row); the sentinel becomes (+inf, -1)."""
     dist = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     row = best - ((best >> 32) << 32)
     row = tl.where(dist == float("inf"), -1, row)
