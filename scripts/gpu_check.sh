@@ -105,6 +105,7 @@ stage_test() {
   fi
 
   local t0=$SECONDS
+  rm -f "$OUT/junit_all.xml" "$OUT/junit_large.xml"  # a crashed run must not reuse old counts
   TRITON_INTERPRET=0 timeout 360 "$PY" -m pytest "${args[@]}" --junitxml="$OUT/junit_all.xml" tests \
     >"$OUT/pytest_all.log" 2>&1
   local rc=$?
