@@ -12,7 +12,7 @@ the batch-order resolution; they differ only where the fused ops are used:
 
 extra_info holds the share of the step spent in neighbour search (CodeBank.neighbours: the code
 write, the search and the resolution) plus the prior likelihood (the KL op, forward and backward),
-each timed alone on the step's shapes (medians).
+each timed alone on the step's shapes, interleaved with whole steps (medians of 30).
 
 Run: flock /tmp/acn_bench.lock pytest tests/benchmarks/bench_train_step.py --benchmark-enable \
          --benchmark-json=step.json -s
@@ -100,14 +100,18 @@ class Stepper:
         self.model.bank.neighbours(idx, torch.randn(self.b, self.model.bank.code_dim))
 
 
-def median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: list, reps: int) -> list[float]:
+    """Median seconds of each function, the functions timed in turn within every repetition so
+    that a change in the machine's load affects them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def kl_fwd_bwd(impl: str, b: int, d: int):
@@ -133,10 +137,8 @@ def test_train_step(benchmark, impl, point):
                                 threads=torch.get_num_threads())
     stepper.step()  # warm-up
     benchmark.pedantic(stepper.step, rounds=1 if SMOKE else 30, iterations=1)
-    reps = 1 if SMOKE else 30
-    t_step = median_seconds(stepper.step, reps)
-    t_nb = median_seconds(Stepper(impl, n, b, d).neighbours, reps)
-    t_kl = median_seconds(kl_fwd_bwd(impl, b, d), reps)
+    t_step, t_nb, t_kl = interleaved_medians(
+        [stepper.step, Stepper(impl, n, b, d).neighbours, kl_fwd_bwd(impl, b, d)], 1 if SMOKE else 30)
     share = (t_nb + t_kl) / t_step
     benchmark.extra_info.update(step_ms=round(1e3 * t_step, 3), neighbours_ms=round(1e3 * t_nb, 3),
                                 kl_ms=round(1e3 * t_kl, 3), share_neighbours_kl=round(share, 4))
