@@ -11,9 +11,9 @@ Scheme (FAISS's GPU split, with an exact total order):
    NaN or inf) get the sentinel key (+inf, 2^32 - 1), which decodes to the padding (+inf, -1).
    The program keeps a sorted running list of the KP = next_pow2(k) smallest keys per query; a
    tile is merged only if one of its keys beats some query's current k-th (the usual shrinking
-   threshold): sort the tile, keep its KP smallest, and merge them into the list with a bitonic
-   step (the KP smallest of an ascending a and a descending b are min(a_i, b_i), a bitonic
-   sequence that log2(KP) compare-and-swap steps sort).
+   threshold): sort the tile, keep its KP smallest (or pad it with sentinels to KP), and merge
+   them into the list with a bitonic step (the KP smallest of an ascending a and a descending b
+   are min(a_i, b_i), a bitonic sequence that log2(KP) compare-and-swap steps sort).
 2. With one split the same program decodes its list into the outputs. With several splits (to
    fill the GPU when B is small) each writes its list to a [B, S, KP] int64 buffer and
    ``_topk_merge_kernel`` merges the S lists per query the same way, then decodes.
@@ -184,6 +184,11 @@ def _topk_partial_kernel(
                 blk = tl.arange(0, BLOCK_N // KP)[None, :, None]
                 view = tl.reshape(tile, [BLOCK_Q, BLOCK_N // KP, KP])
                 top = tl.min(tl.where(blk == BLOCK_N // KP - 1, view, _SENTINEL), axis=1)
+            elif BLOCK_N < KP:
+                # Widened to KP, still descending: sentinels, then the tile in the last block.
+                blk = tl.arange(0, KP // BLOCK_N)[None, :, None]
+                wide = tl.where(blk == KP // BLOCK_N - 1, tile[:, None, :], _SENTINEL)
+                top = tl.reshape(wide, [BLOCK_Q, KP])
             else:
                 top = tile
             best = _merge_lists(best, top, BLOCK_Q, KP, LOG_KP)
@@ -223,16 +228,17 @@ def _config(B: int, N: int, D: int, k: int, sms: int | None) -> dict[str, int]:
     if sms is None:
         # Few, large programs: the interpreter pays about a millisecond per program.
         block_q = min(64, max(16, triton.next_power_of_2(B)))
-        block_n = max(kp, min(256, max(16, triton.next_power_of_2(N))))
+        block_n = min(256, max(16, triton.next_power_of_2(N)))
         # Up to 4 splits, so that the CPU tests also run the merge kernel of the GPU path.
         splits = min(4, triton.cdiv(N, block_n))
         return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, splits=splits, num_warps=4,
                     merge_q=block_q, use_dot=False)
-    # 16 queries (tl.dot's minimum) by 64 rows or more, about 8 tile elements per thread: sm_90
-    # ptxas then needs 110 to 180 registers without spilling up to k = 256 (k = 1024 spills).
+    # Tiles of 16 queries (tl.dot's minimum) by 64 rows, and about 8 list entries per thread
+    # (sm_90 ptxas then needs about 145 registers at k <= 64). The tile size does not grow with k:
+    # sorting a [16, 1024] tile made the k = 1024 kernel take minutes to compile.
     block_q = 16
-    block_n = max(kp, 64)
-    num_warps = min(16, block_q * block_n // 128)
+    block_n = 64
+    num_warps = min(16, block_q * max(block_n, kp) // 128)
     n_tiles = triton.cdiv(N, block_n)
     q_blocks = triton.cdiv(B, block_q)
     # Enough programs to fill the GPU about four times; each split gets whole tiles.

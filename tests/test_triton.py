@@ -585,7 +585,7 @@ _SM90_COMPILE = textwrap.dedent("""
         grads = {n: "*" + dt for n in ("dz_ptr", "dlg_ptr", "dmu_ptr", "dls_ptr", "dcode_ptr")}
         build(tm._mixture_bwd_kernel, {"grad_ptr": "*fp32", **ins, "lse_ptr": "*fp32", **grads, "B": "i32",
                                        "D": "i32", "M": "i32"}, consts, 4)
-    for dt, k, final in [("fp32", 5, False), ("fp16", 40, True)]:
+    for dt, k, final in [("fp32", 5, False), ("fp16", 40, True), ("fp32", 1024, False)]:
         cfg = tt._config(128, 60000, 16, k, 132)
         kp = cfg["KP"]
         sig = dict(q_ptr="*" + dt, b_ptr="*" + dt, mask_ptr="*u8", exi_ptr="*i64", part_ptr="*i64",
