@@ -39,6 +39,15 @@
 #include "../utils.h"
 #include "topk.h"
 
+// No fused multiply-add contraction in this file: the AVX2/AVX-512 variants would otherwise fuse
+// exact_dist's t * t + s in some inlined copies and not in others (vectorised group vs scalar
+// tail), giving duplicate rows different distances and breaking the tie rule.
+#pragma GCC optimize("fp-contract=off")
+
+// Hot helpers are inlined into each ISA variant of the work items (below), so each variant gets
+// them compiled for its own instruction set.
+#define ACN_BODY inline __attribute__((always_inline))
+
 namespace {
 
 constexpr int64_t kQueryBlock = 64;     // queries per GEMM tile
@@ -47,6 +56,7 @@ constexpr int64_t kMinTileRows = 64;
 constexpr int64_t kMaxTileRows = 2048;
 constexpr int kSortedMaxK = 32;  // sorted insertion up to this k, the heap above
 constexpr int64_t kGroup = 16;   // the selection scan tests this many columns per branch
+constexpr int64_t kDirectMaxB = 4;  // up to this many queries: the direct path, no GEMM
 
 int64_t tile_rows(int64_t D) {
   return std::clamp<int64_t>(kTileElems / std::max<int64_t>(D, 1), kMinTileRows, kMaxTileRows);
@@ -65,20 +75,68 @@ acc_t band_abs(int64_t D) {
   return acc_t(D + 8) * std::numeric_limits<acc_t>::min();
 }
 
-// (x - x) == 0 is false exactly for NaN and +-inf, and it vectorises (std::isfinite may not).
+constexpr int kLanes = 8;  // independent partial sums: vectorisable, in a fixed order
+
+// Pairwise sum of the lanes, always in the same order.
 template <typename acc_t>
-inline bool finite_v(acc_t x) {
-  return x - x == acc_t(0);
+ACN_BODY acc_t lane_sum(const acc_t* s) {
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
+// The reported distance of a pair: sum_d (a_d - b_d)^2 in the direct form, with one fixed
+// summation order, so that it does not depend on where the row sits (duplicate rows tie exactly).
 template <typename acc_t>
-inline acc_t exact_dist(const acc_t* a, const acc_t* b, int64_t D) {
-  acc_t s = 0;
-  for (int64_t d = 0; d < D; ++d) {
+ACN_BODY acc_t exact_dist(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t t = a[d + l] - b[d + l];
+      s[l] += t * t;
+    }
+  acc_t tail = 0;
+  for (; d < D; ++d) {
     const acc_t t = a[d] - b[d];
-    s += t * t;
+    tail += t * t;
   }
-  return s;
+  return lane_sum(s) + tail;
+}
+
+// |x|^2 of a row, or NaN when it holds NaN/inf (x - x is NaN exactly for those; a finite row's
+// norm may overflow to +inf and stays eligible).
+template <typename acc_t>
+ACN_BODY acc_t row_norm(const acc_t* x, int64_t D) {
+  acc_t s[kLanes] = {}, z[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      s[l] += x[d + l] * x[d + l];
+      z[l] += x[d + l] - x[d + l];
+    }
+  acc_t tail = 0, zt = 0;
+  for (; d < D; ++d) {
+    tail += x[d] * x[d];
+    zt += x[d] - x[d];
+  }
+  const acc_t zero = lane_sum(z) + zt;
+  return zero == acc_t(0) ? lane_sum(s) + tail : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// Row r of the bank as acc_t: in place when it already is (contiguous, same type), else
+// converted into buf.
+template <typename scalar_t, typename acc_t>
+ACN_BODY const acc_t* load_row(const scalar_t* bank, int64_t r, int64_t s0, int64_t s1, int64_t D,
+                             acc_t* buf) {
+  const scalar_t* src = bank + r * s0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (s1 == 1) return src;
+  }
+  if (s1 == 1) {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(src[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(src[d * s1]);
+  }
+  return buf;
 }
 
 template <typename acc_t>
@@ -87,7 +145,8 @@ struct Problem {
   int64_t bs0, bs1;      // bank strides (elements): any layout is read in place, never copied
   const acc_t* q;        // [B, D] queries in acc_t, contiguous
   const acc_t* qn;       // [B] |q|^2, NaN for a query that is not finite
-  const acc_t* bn;       // [N] |b|^2, NaN for a row no query may pair with
+  const acc_t* bn;       // [N] |b|^2, NaN for a row no query may pair with (GEMM path only)
+  const bool* mask;      // [N] exclude_mask, or nullptr
   const int64_t* excl;   // [B] row each query skips (-1: none), or nullptr
   int64_t tile;          // bank rows per tile
   int64_t nchunks;       // bank chunks
@@ -124,51 +183,89 @@ struct QueryList {
   }
 };
 
+template <typename acc_t>
+QueryList<acc_t> query_list(const Problem<acc_t>& P, int64_t c, int64_t b) {
+  const int64_t off = (c * P.B + b) * P.k;
+  const int k = static_cast<int>(P.k);
+  return QueryList<acc_t>{P.part_d + off, P.part_i + off, k, k > kSortedMaxK};
+}
+
 // Per-thread buffers, reused across the items a thread runs.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> tile, tile_norm, gram;
   std::vector<int64_t> rows;
-  Scratch(int64_t tile_rows, int64_t D)
-      : tile(tile_rows * std::max<int64_t>(D, 1)), tile_norm(tile_rows),
-        gram(kQueryBlock * tile_rows), rows(tile_rows) {}
+  Scratch(int64_t tile_rows, int64_t D, bool gemm)
+      : tile((gemm ? tile_rows : 1) * std::max<int64_t>(D, 1)), tile_norm(gemm ? tile_rows : 0),
+        gram(gemm ? kQueryBlock * tile_rows : 0), rows(gemm ? tile_rows : 0) {}
 };
 
-// One work item: queries [q0, q1) against bank rows [r0, r1), into chunk c's partial lists.
+// Small batches (B <= kDirectMaxB): every bank row is read once, straight from the bank, and
+// compared with each query in the direct form; the row's finiteness is checked in the same
+// pass (no precomputed norms, so the bank is streamed once: this case is memory-bound).
+// Queries [q0, q1) against rows [r0, r1), into chunk c's partial lists.
 template <typename scalar_t, typename acc_t>
-void search_item(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1, int64_t r0,
-                 int64_t r1, int64_t c, Scratch<acc_t>& S) {
-  const int64_t D = P.D, nq = q1 - q0;
-  const int k = static_cast<int>(P.k);
-  const bool heap = k > kSortedMaxK;
-  const acc_t inf = acn::inf_v<acc_t>();
-  const acc_t coef = band_coef<acc_t>(D), cabs = band_abs<acc_t>(D);
-  auto list = [&](int64_t b) {
-    const int64_t off = (c * P.B + b) * P.k;
-    return QueryList<acc_t>{P.part_d + off, P.part_i + off, k, heap};
-  };
+ACN_BODY void search_item_direct(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1,
+                        int64_t r0, int64_t r1, int64_t c, Scratch<acc_t>& S) {
+  const int64_t D = P.D;
+  acc_t worst[kDirectMaxB];
+  int64_t skip[kDirectMaxB];
+  int64_t nq = 0;
+  QueryList<acc_t> lists[kDirectMaxB];
+  const acc_t* qrows[kDirectMaxB];
   for (int64_t b = q0; b < q1; ++b) {
-    const auto L = list(b);
-    std::fill(L.d, L.d + k, inf);
-    std::fill(L.i, L.i + k, int64_t(-1));
+    const auto L = query_list(P, c, b);
+    std::fill(L.d, L.d + L.k, acn::inf_v<acc_t>());
+    std::fill(L.i, L.i + L.k, int64_t(-1));
+    if (P.qn[b] != P.qn[b]) continue;  // a query holding NaN/inf pairs with nothing
+    lists[nq] = L;
+    worst[nq] = L.worst();
+    skip[nq] = P.excl ? P.excl[b] : -1;
+    qrows[nq] = P.q + b * D;
+    ++nq;
+  }
+  if (nq > 0) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (P.mask && P.mask[r]) continue;
+      const acc_t* row = load_row(bank, r, P.bs0, P.bs1, D, S.tile.data());
+      const acc_t nr = row_norm(row, D);
+      if (nr != nr) continue;
+      for (int64_t j = 0; j < nq; ++j) {
+        const acc_t e = acn::finish_dist(exact_dist(qrows[j], row, D));
+        if (e > worst[j] || r == skip[j]) continue;
+        lists[j].insert(e, r);
+        worst[j] = lists[j].worst();
+      }
+    }
+  }
+  for (int64_t j = 0; j < nq; ++j) lists[j].finish();
+}
+
+// Larger batches: bank tiles of eligible rows against a block of queries by one GEMM, the
+// expanded form as a one-comparison filter, the exact form for the survivors (see the top).
+template <typename scalar_t, typename acc_t>
+ACN_BODY void search_item_gemm(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1,
+                      int64_t r0, int64_t r1, int64_t c, Scratch<acc_t>& S) {
+  const int64_t D = P.D, nq = q1 - q0;
+  const acc_t coef = band_coef<acc_t>(D), cabs = band_abs<acc_t>(D);
+  for (int64_t b = q0; b < q1; ++b) {
+    const auto L = query_list(P, c, b);
+    std::fill(L.d, L.d + L.k, acn::inf_v<acc_t>());
+    std::fill(L.i, L.i + L.k, int64_t(-1));
   }
   const auto opts = c10::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor qt = at::from_blob(const_cast<acc_t*>(P.q + q0 * D), {nq, D}, opts);
   int64_t r = r0;
   while (r < r1) {
-    // Gather the next tile of eligible rows (ineligible ones cost one load of their norm).
+    // Gather the next tile of eligible rows (an ineligible one costs one load of its norm).
     int64_t n = 0;
     acc_t nb_max = 0;
     for (; r < r1 && n < P.tile; ++r) {
       const acc_t nb = P.bn[r];
       if (nb != nb) continue;
       acc_t* dst = S.tile.data() + n * D;
-      const scalar_t* src = bank + r * P.bs0;
-      if (P.bs1 == 1) {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * P.bs1]);
-      }
+      const acc_t* src = load_row(bank, r, P.bs0, P.bs1, D, dst);
+      if (src != dst) std::copy(src, src + D, dst);
       S.tile_norm[n] = nb;
       S.rows[n] = r;
       nb_max = std::max(nb_max, nb);
@@ -181,7 +278,7 @@ void search_item(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int6
     for (int64_t b = q0; b < q1; ++b) {
       const acc_t qn = P.qn[b];
       if (qn != qn) continue;  // a query holding NaN/inf pairs with nothing
-      const auto L = list(b);
+      const auto L = query_list(P, c, b);
       const acc_t* g = S.gram.data() + (b - q0) * n;
       const acc_t* qrow = P.q + b * D;
       const int64_t skip = P.excl ? P.excl[b] : -1;
@@ -207,7 +304,36 @@ void search_item(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int6
         if (!(tn[j] - 2 * g[j] > thr)) consider(j);
     }
   }
-  for (int64_t b = q0; b < q1; ++b) list(b).finish();
+  for (int64_t b = q0; b < q1; ++b) query_list(P, c, b).finish();
+}
+
+// The item bodies compiled three times, for AVX-512, AVX2+FMA and the baseline, and picked at run
+// time: the extension is built with the distribution's baseline flags (SSE2), which would leave
+// the distance and scan loops 4 floats wide. Every variant computes the same function; within one
+// process always the same variant runs, so distances stay position-independent.
+#define ACN_ITEM_VARIANT(NAME, TARGET)                                                            \
+  template <typename scalar_t, typename acc_t>                                                     \
+  TARGET void NAME(bool gemm, const Problem<acc_t>& P, const scalar_t* bank, int64_t q0,           \
+                   int64_t q1, int64_t r0, int64_t r1, int64_t c, Scratch<acc_t>& S) {             \
+    if (gemm)                                                                                      \
+      search_item_gemm<scalar_t, acc_t>(P, bank, q0, q1, r0, r1, c, S);                            \
+    else                                                                                           \
+      search_item_direct<scalar_t, acc_t>(P, bank, q0, q1, r0, r1, c, S);                          \
+  }
+ACN_ITEM_VARIANT(search_item_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))))
+ACN_ITEM_VARIANT(search_item_avx2, __attribute__((target("avx2,fma"))))
+ACN_ITEM_VARIANT(search_item_base, )
+#undef ACN_ITEM_VARIANT
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBase;
 }
 
 // Query b's final list from its nchunks sorted partial lists (a k-way merge).
@@ -243,70 +369,64 @@ void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   const at::Tensor q = queries.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const at::Tensor mask = exclude_mask.has_value() ? exclude_mask->contiguous() : at::Tensor();
   const at::Tensor excl = exclude_index.has_value() ? exclude_index->contiguous() : at::Tensor();
-  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const scalar_t* bp = bank.data_ptr<scalar_t>();
   const int64_t bs0 = bank.stride(0), bs1 = bank.stride(1);
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-
-  std::vector<acc_t> qn(B), bn(N);
   const acc_t* qp = q.data_ptr<acc_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    acc_t s = 0;
-    bool ok = true;
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t x = qp[b * D + d];
-      ok &= finite_v(x);
-      s += x * x;
-    }
-    qn[b] = ok ? s : nan;
+  const bool gemm = B > kDirectMaxB;
+
+  std::vector<acc_t> qn(B), bn(gemm ? N : 0);
+  for (int64_t b = 0; b < B; ++b) qn[b] = row_norm(qp + b * D, D);
+  Problem<acc_t> P{B, N, D, k, bs0, bs1, qp, qn.data(), bn.data(),
+                   mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                   excl.defined() ? excl.data_ptr<int64_t>() : nullptr, tile_rows(D), 1,
+                   nullptr, nullptr};
+  if (gemm) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf(std::max<int64_t>(D, 1));
+      for (int64_t r = r0; r < r1; ++r)
+        bn[r] = P.mask && P.mask[r] ? std::numeric_limits<acc_t>::quiet_NaN()
+                                    : row_norm(load_row(bp, r, bs0, bs1, D, buf.data()), D);
+    });
   }
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (mp && mp[r]) {
-        bn[r] = nan;
-        continue;
-      }
-      const scalar_t* row = bp + r * bs0;
-      acc_t s = 0;
-      bool ok = true;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t x = static_cast<acc_t>(row[d * bs1]);
-        ok &= finite_v(x);
-        s += x * x;
-      }
-      bn[r] = ok ? s : nan;  // a finite row's norm may overflow to +inf: still eligible
-    }
-  });
 
   // Enough items that every thread has work even for one query block; chunks no smaller than two
   // tiles, so that the GEMM and selection stay efficient.
-  const int64_t nqb = (B + kQueryBlock - 1) / kQueryBlock;
+  const int64_t qblock = gemm ? kQueryBlock : kDirectMaxB;
+  const int64_t nqb = (B + qblock - 1) / qblock;
   const int64_t threads = at::get_num_threads();
-  const int64_t tile = tile_rows(D);
   const int64_t want = threads > 1 ? (4 * threads + nqb - 1) / nqb : 1;
-  const int64_t nchunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, N / (2 * tile)));
-  const int64_t chunk = (N + nchunks - 1) / nchunks;
+  P.nchunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, N / (2 * P.tile)));
+  const int64_t chunk = (N + P.nchunks - 1) / P.nchunks;
+  std::vector<acc_t> part_d(P.nchunks * B * k);
+  std::vector<int64_t> part_i(P.nchunks * B * k);
+  P.part_d = part_d.data();
+  P.part_i = part_i.data();
 
-  std::vector<acc_t> part_d(nchunks * B * k);
-  std::vector<int64_t> part_i(nchunks * B * k);
-  Problem<acc_t> P{B, N, D, k, bs0, bs1, qp, qn.data(), bn.data(),
-                   excl.defined() ? excl.data_ptr<int64_t>() : nullptr, tile, nchunks,
-                   part_d.data(), part_i.data()};
-
-  at::parallel_for(0, nqb * nchunks, 1, [&](int64_t w0, int64_t w1) {
-    Scratch<acc_t> S(tile, D);
+  static const Isa isa = detect_isa();
+  at::parallel_for(0, nqb * P.nchunks, 1, [&](int64_t w0, int64_t w1) {
+    Scratch<acc_t> S(P.tile, D, gemm);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t qb = w / nchunks, c = w % nchunks;
-      const int64_t q0 = qb * kQueryBlock, q1 = std::min(B, q0 + kQueryBlock);
+      const int64_t qb = w / P.nchunks, c = w % P.nchunks;
+      const int64_t q0 = qb * qblock, q1 = std::min(B, q0 + qblock);
       const int64_t r0 = std::min(N, c * chunk), r1 = std::min(N, r0 + chunk);
-      search_item<scalar_t, acc_t>(P, bp, q0, q1, r0, r1, c, S);
+      switch (isa) {
+        case Isa::kAvx512:
+          search_item_avx512<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
+          break;
+        case Isa::kAvx2:
+          search_item_avx2<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
+          break;
+        case Isa::kBase:
+          search_item_base<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
+          break;
+      }
     }
   });
 
   acc_t* od = out_d.data_ptr<acc_t>();
   int64_t* oi = out_i.data_ptr<int64_t>();
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (k * nchunks)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (k * P.nchunks)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) merge_query(P, b, od, oi);
   });
 }
