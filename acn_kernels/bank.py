@@ -157,7 +157,7 @@ class CodeBank(nn.Module):
     def search(
         self, codes: torch.Tensor, k: int | None = None, *, exclude_index: torch.Tensor | None = None
     ) -> MaskedTopK:
-        """The k (default K) nearest bank rows of each query [B, D], ignoring the used mask.
+        """The k (default min(K, N)) nearest bank rows of each query [B, D], ignoring the used mask.
 
         Side-effect free: for evaluation and retrieval. ``exclude_index`` [B] int64 (or -1) skips
         one row per query. Returns :class:`~acn_kernels.MaskedTopK` (dists [B, k], rows [B, k]).
@@ -165,7 +165,8 @@ class CodeBank(nn.Module):
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != self.code_dim:
             raise ValueError(f"codes must have shape [B, code_dim={self.code_dim}], "
                              f"got {tuple(getattr(codes, 'shape', ()))}")
-        return masked_topk(codes.detach().to(self.codes.dtype), self.codes, self.k if k is None else k,
+        k = min(self.k, self.num_codes) if k is None else k
+        return masked_topk(codes.detach().to(self.codes.dtype), self.codes, k,
                            exclude_index=exclude_index, backend=self.backend)
 
     @torch.no_grad()

@@ -51,7 +51,7 @@ def heldout_terms(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.devi
             cand = bank.search(code).indices  # no used mask: held-out codes are not in the pass
             n_valid = (cand >= 0).sum(1)
             u = rng.uniform(bank.seed, rng.EVAL_NEIGHBOUR, 0, idx)
-            pick = cand.gather(1, (u * n_valid).long().clamp_max(bank.k - 1).unsqueeze(1)).squeeze(1)
+            pick = cand.gather(1, (u * n_valid).long().unsqueeze(1)).squeeze(1)
             eps = rng.normal(bank.seed, rng.EVAL_EPS, 0, idx, code.shape[1], code.dtype)
             terms = model.terms(xb, code, bank.codes[pick].to(code.dtype), eps)
         else:
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (as acn-train's --threads)")
     p.add_argument("--daydream-steps", type=int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and PCA references")
+    p.add_argument("--no-grids", action="store_true",
+                   help="skip the image grids (slow for an autoregressive decoder: one pass per pixel)")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -210,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         model.to(args.device)
         name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(path)))
         res = write_report(model, data, os.path.join(args.out, name), seed=config.seed, device=args.device,
-                           daydream_steps=args.daydream_steps)
+                           grids=not args.no_grids, daydream_steps=args.daydream_steps)
         res["config"] = ckpt["config"]
         res["steps"] = ckpt["position"]["step"]
         results[f"{name} ({config.model}, {config.decoder}, {res['steps']} steps)"] = res
-    if not args.no_baselines and data is not None and data.train_y is not None:
+    if not args.no_baselines and data is not None and data.train_y is not None and data.test_y is not None:
         for name, rep in baselines(data).items():
             results[name] = {"representation": rep}
     os.makedirs(args.out, exist_ok=True)
