@@ -50,6 +50,9 @@ from .models import ACN, VAE, build_model
 
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+PLOT_SECONDS = 30.0
+"""metrics.png is redrawn after a pass at most this often (drawing takes about a second), and
+always when training stops; metrics.json is rewritten after every pass."""
 
 
 @dataclasses.dataclass
@@ -194,7 +197,8 @@ def train(
             :class:`~acn_kernels.VAE`, on ``config.device``.
         data: binarised images; ``data.test_x`` gives held-out metrics after each pass.
         config: batch size, learning rate, seed, budget, checkpoint interval.
-        out_dir: where checkpoint.pt, metrics.json and metrics.png go (None: nowhere).
+        out_dir: where checkpoint.pt, metrics.json (after every pass) and metrics.png (see
+            :data:`PLOT_SECONDS`) go (None: nowhere).
         resume: a checkpoint dict (:func:`load_checkpoint`) to continue from; model and
             optimiser state, pass position and history are restored from it.
         progress: show a tqdm bar with the running loss, KL and reconstruction nats of the pass.
@@ -243,6 +247,7 @@ def train(
         total = min(total or 1 << 62, config.epochs * per_pass)
     bar = tqdm(total=total, initial=pos.step, disable=not progress, unit="step", dynamic_ncols=True)
     saved_at = pos.step
+    plotted_at = -math.inf
     model.train()
     while budget_left():
         idx = pos.order[pos.offset : pos.offset + config.batch_size]
@@ -275,7 +280,9 @@ def train(
             if out_dir is not None:
                 atomic_write_text(json.dumps({"history": history}, indent=1),
                                   os.path.join(out_dir, "metrics.json"))
-                plot_history(history, os.path.join(out_dir, "metrics.png"))
+                if time.monotonic() - plotted_at >= PLOT_SECONDS:
+                    plot_history(history, os.path.join(out_dir, "metrics.png"))
+                    plotted_at = time.monotonic()
             save()
             saved_at = pos.step
         elif config.checkpoint_every and pos.step % config.checkpoint_every == 0:
@@ -284,6 +291,8 @@ def train(
     bar.close()
     if saved_at != pos.step:
         save()
+    if out_dir is not None and history:
+        plot_history(history, os.path.join(out_dir, "metrics.png"))
     return history
 
 
@@ -363,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_report(model, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
     atomic_write_text(json.dumps({"history": history, "final": summary}, indent=1),
                       os.path.join(out, "metrics.json"))
-    if history:
-        plot_history(history, os.path.join(out, "metrics.png"))
     h = summary["heldout"]
     print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
           f"{h['test_recon']:.2f}; wrote {', '.join(sorted(os.listdir(out)))}")
