@@ -207,8 +207,9 @@ def _check_args(z, logits, means, log_scales, code) -> None:
     check_device(z.device, _mixture_fwd_kernel)
 
 
-def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def device_ctx(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("acn_kernels::triton_mixture_fwd", mutates_args=())
@@ -242,7 +243,7 @@ def triton_mixture_fwd(
     d_per_prog = block_d if per_dim else triton.cdiv(D, block_d) * block_d
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d) if per_dim else 1)
     if B > 0 and grid[1] > 0:
-        with _device_ctx(z):
+        with device_ctx(z.device):
             _mixture_fwd_kernel[grid](
                 z, logits, means, log_scales, code_c, out, lse, B, D, M, d_per_prog,
                 HAS_CODE=code is not None, PER_DIM=per_dim,
@@ -294,7 +295,7 @@ def triton_mixture_bwd(
     block_b, block_d, block_m = _blocks(D, M, z.device.type == "cpu")
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
     if B > 0 and D > 0:
-        with _device_ctx(z):
+        with device_ctx(z.device):
             _mixture_bwd_kernel[grid](
                 grad, z, logits, means, log_scales, code_c, lse, dz, dlg, dmu, dls,
                 dcode if code is not None else dz, B, D, M,

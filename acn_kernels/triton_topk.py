@@ -24,24 +24,24 @@ exactly). Under TRITON_INTERPRET=1 it is an explicit product-and-sum instead: th
 runs tl.dot as numpy.matmul, whose BLAS kernels can round identical rows differently depending
 on their place in the tile, which would break exact ties.
 
-Extra memory: the [B, S, KP] candidate keys, never B x N. Rows are addressed with 64-bit
-offsets; the key keeps 32 bits for the row, so the bank must hold fewer than 2^32 - 1 rows
-(checked). Inputs float32/float16/bfloat16 (converted to float32 on load); float64 is rejected
-with a clear error (DESIGN.md keeps it to "cpu" and "torch"). Pairs whose expanded form
-overflows float32 are recomputed in the direct form (entries above about 1e19 only), so FLT_MAX
-is reported exactly where the distance itself overflows.
+Extra memory: the [B, S, KP] candidate keys, never B x N (S is about 4 x SMs / ceil(B / 16),
+so B x S stays below B + 64 x SMs). Rows are addressed with 64-bit offsets; the key keeps 32
+bits for the row, so the bank must hold fewer than 2^32 - 1 rows (checked).
+
+Inputs float32/float16/bfloat16, converted to float32 on load; float64 is rejected with a clear
+error (DESIGN.md keeps it to "cpu" and "torch"). Pairs whose expanded form overflows float32
+are recomputed in the direct form (entries above about 1e19 only), so FLT_MAX is reported
+exactly where the distance itself overflows.
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations, and older
 # torch versions need them as objects, not strings.
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _testing, ops
-from .triton_mixture import check_device
+from .triton_mixture import check_device, device_ctx
 
 # (+inf bits) << 32 | (2^32 - 1): after every eligible key, decodes to (+inf, padding).
 _SENTINEL = tl.constexpr(0x7F800000FFFFFFFF)
@@ -271,9 +271,11 @@ def triton_masked_topk(
     """
     ops._check_topk(queries, bank, k, exclude_mask, None)
     if exclude_index is not None:
-        if exclude_index.dtype != torch.int64 or exclude_index.shape != (queries.shape[0],):
-            raise TypeError(f"exclude_index must be an int64 tensor of shape [B] = [{queries.shape[0]}], "
-                            f"got {exclude_index.dtype} {tuple(exclude_index.shape)}")
+        if exclude_index.dtype != torch.int64:
+            raise TypeError(f"exclude_index must be an int64 tensor, got {exclude_index.dtype}")
+        if exclude_index.shape != (queries.shape[0],):
+            raise ValueError(f"exclude_index must have shape [B] = [{queries.shape[0]}], "
+                             f"got {tuple(exclude_index.shape)}")
         if exclude_index.device != queries.device:
             raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {queries.device}")
     if queries.dtype not in _SUPPORTED:
@@ -299,8 +301,7 @@ def triton_masked_topk(
     part = torch.empty((B, splits, kp) if splits > 1 else (0,), dtype=torch.int64, device=dev)
     mask_u8 = exclude_mask.contiguous().view(torch.uint8) if exclude_mask is not None else queries
     exi = exclude_index.contiguous() if exclude_index is not None else queries
-    ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    with ctx:
+    with device_ctx(dev):
         _topk_partial_kernel[(triton.cdiv(B, cfg["BLOCK_Q"]), splits)](
             queries, bank, mask_u8, exi, part, dists, idx,
             B, N, D, k, tiles_per_split,
