@@ -26,7 +26,14 @@ from acn_kernels import MAX_K, _ext, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_CUDA_BACKEND = acn_kernels.backends()["cuda"]
-requires_cuda = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GPU and _C built with CUDA")
+_skip_without_cuda = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GPU and _C built with CUDA")
+
+
+def requires_cuda(fn):
+    """Marks a test "cuda" (pyproject markers) and skips it without a GPU or a CUDA build."""
+    return pytest.mark.cuda(_skip_without_cuda(fn))
+
+
 FILL_GPU = os.environ.get("ACN_TEST_FILL_GPU", "0") == "1"
 HUGE = os.environ.get("ACN_TEST_HUGE", "0") == "1"
 FLT_MAX = torch.finfo(torch.float32).max
