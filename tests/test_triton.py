@@ -18,6 +18,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from testing import HAS_GPU, INTERPRET, poisoned_outputs
 
 import acn_kernels
@@ -126,6 +128,21 @@ def test_acn_kl_vs_reference(b, d, m):
     for name, got, want in zip(("dz", "dcode", "dlogits", "dmeans", "dlog_scales"), grads, ref_grads,
                                strict=True):
         assert_close_f64(got, want, rtol=1e-4, atol=1e-5), name
+
+
+@given(b=st.integers(1, 40), d=st.integers(1, 40), m=st.integers(1, 16), per_dim=st.booleans(),
+       kl=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_mixture_property(b, d, m, per_dim, kl, seed):
+    """Fresh random shapes and values (hypothesis "ci" profile): forward and every gradient."""
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=seed, ls_range=(-4.0, 3.0), logit_scale=5.0)
+    if kl:
+        (out, grads), (ref, ref_grads) = kernel_and_reference("kl", [z, code, lg, mu, ls])
+    else:
+        (out, grads), (ref, ref_grads) = kernel_and_reference("lp", [z, lg, mu, ls], per_dim)
+    assert_close_f64(out, ref, rtol=1e-5, atol=5e-5 * d)
+    for got, want in zip(grads, ref_grads, strict=True):
+        scale = want.abs().amax().clamp_min(1.0)
+        assert_close_f64(got / scale, want / scale, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("b,d,m", [(5, 40, 17), (9, 3, 2), (3, 70, 33)])
@@ -414,6 +431,18 @@ def test_topk_gpu_configuration(monkeypatch, b, n, d, k):
     assert_exact(topk(q, bank, k, mask, excl), ref_topk(q, bank, k, mask, excl))
     q, bank = torch.randn(b, d, generator=g).to(DEVICE), torch.randn(n, d, generator=g).to(DEVICE)
     assert_selection_close(topk(q, bank, k), ref_topk(q, bank, k), q, bank)
+
+
+@given(b=st.integers(1, 20), n=st.integers(1, 600), d=st.integers(1, 20), k_frac=st.floats(0, 1),
+       mask_p=st.sampled_from([0.0, 0.5, 0.95]), excl=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_topk_property(b, n, d, k_frac, mask_p, excl, seed):
+    """Fresh random problems on the half-integer grid (many exact ties): bit-exact results."""
+    k = 1 + int(k_frac * (min(n, 70) - 1))
+    g = torch.Generator().manual_seed(seed)
+    q, bank = grid_data(b, d, seed=seed), grid_data(n, d, seed=seed + 1)
+    mask = (torch.rand(n, generator=g) < mask_p).to(DEVICE)
+    ex = torch.randint(-1, n, (b,), generator=g).to(DEVICE) if excl else None
+    assert_exact(topk(q, bank, k, mask, ex), ref_topk(q, bank, k, mask, ex))
 
 
 def test_topk_duplicate_rows_tie_to_smaller_index():
