@@ -21,16 +21,25 @@ struct MixtureArgs {
   bool per_dim;
 };
 
-// Running log-sum-exp per lane: merge a chunk whose maximum is cmx and whose terms sit in `x`.
+// Running log-sum-exp per lane: merge a chunk of cm terms x[j][lane] whose per-lane maxima are
+// cmx into (mx, sum). Lanes innermost, so the exps vectorise.
 template <typename acc_t>
-inline void lse_merge(acc_t& mx, acc_t& sum, acc_t cmx, const acc_t* x, int64_t cm, int64_t stride) {
-  const acc_t new_mx = acn::max_of(mx, cmx);
-  const acc_t shift = acn::lse_shift(new_mx);
-  // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
-  acc_t s = sum == acc_t(0) ? acc_t(0) : sum * acn::acn_exp(acn::lse_shift(mx) - shift);
-  for (int64_t j = 0; j < cm; ++j) s += acn::acn_exp(x[j * stride] - shift);
-  mx = new_mx;
-  sum = s;
+inline void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x)[kLanes], int64_t cm,
+                      int64_t n) {
+  acc_t shift[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < n; ++l) {
+    const acc_t new_mx = acn::max_of(mx[l], cmx[l]);
+    shift[l] = acn::lse_shift(new_mx);
+    // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
+    const acc_t f = acn::acn_exp(acn::lse_shift(mx[l]) - shift[l]);
+    sum[l] = sum[l] == acc_t(0) ? acc_t(0) : sum[l] * f;
+    mx[l] = new_mx;
+  }
+  for (int64_t j = 0; j < cm; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) sum[l] += acn::acn_exp(x[j][l] - shift[l]);
+  }
 }
 
 template <typename scalar_t>
@@ -69,17 +78,19 @@ void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const
             cmt[l] = acn::max_of(cmt[l], t);
           }
         }
-        for (int64_t l = 0; l < n; ++l) {
-          lse_merge(mxl[l], sl[l], cml[l], &tl[0][l], cm, kLanes);
-          lse_merge(mxt[l], st[l], cmt[l], &tt[0][l], cm, kLanes);
-        }
+        lse_merge(mxl, sl, cml, tl, cm, n);
+        lse_merge(mxt, st, cmt, tt, cm, n);
+      }
+      acc_t bt[kLanes], lz[kLanes];
+#pragma omp simd
+      for (int64_t l = 0; l < n; ++l) {
+        bt[l] = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
+        lz[l] = acn::lse_finish(acn::lse_shift(mxl[l]), sl[l]);
       }
       for (int64_t l = 0; l < n; ++l) {
-        const acc_t big_t = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
-        const acc_t lz = acn::lse_finish(acn::lse_shift(mxl[l]), sl[l]);
-        lse[2 * (e0 + l)] = big_t;
-        lse[2 * (e0 + l) + 1] = lz;
-        acc_t v = big_t - lz;
+        lse[2 * (e0 + l)] = bt[l];
+        lse[2 * (e0 + l) + 1] = lz[l];
+        acc_t v = bt[l] - lz[l];
         if (code) v = acn::std_normal_log_prob(zz[l], static_cast<acc_t>(code[e0 + l])) - v;
         if (a.per_dim)
           out[e0 + l] = v;

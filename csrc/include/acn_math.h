@@ -125,7 +125,7 @@ ACN_HD double max_of(double a, double b) { return a > b ? a : b; }
 // otherwise give exp(-inf - -inf) = NaN; +inf terms then give an inf sum, the right limit).
 template <typename T>
 ACN_HD T lse_shift(T mx) {
-  return (mx == inf_v<T>() || mx == -inf_v<T>()) ? T(0) : mx;
+  return fabs(mx) == inf_v<T>() ? T(0) : mx;  // no ||: keeps the CPU lane loops branch-free
 }
 
 // log-sum-exp from its shift and sum of exp(x - shift). sum == 0 (all terms -inf) gives -inf.
@@ -146,8 +146,10 @@ ACN_HD T component_grads(T g, T z, T logit, T mu, T log_s, T big_t, T lz, T* dlo
   const T t = logit - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
   // A row whose every term is -inf (T == -inf) has log p = -inf and, by contract, zero gradients.
   const bool dead = big_t == -inf_v<T>();
-  const T r = dead ? T(0) : acn_exp(t - big_t);
-  const T w = dead ? T(0) : acn_exp(logit - lz);
+  const T r_raw = acn_exp(t - big_t);  // computed unconditionally: a select, not a branch
+  const T w_raw = acn_exp(logit - lz);
+  const T r = dead ? T(0) : r_raw;
+  const T w = dead ? T(0) : w_raw;
   const T gr = g * r;
   const T dm = r == T(0) ? T(0) : gr * u * inv_s;
   *dlogit = g * (r - w);
