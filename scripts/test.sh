@@ -2,20 +2,12 @@
 # The README's test command: install the package with its compiled extension and test extras, run
 # the test suite (with one smoke round of every benchmark), then the Triton tests under
 # TRITON_INTERPRET=1 in their own pytest process. Every pytest run fails on exit 5 (no tests).
-#
-# Uses the active virtual environment, or creates ./.venv. torch is installed only if missing:
-# ACN_TORCH_SPEC (default torch==2.13.0, the CPU build on these machines) says which.
+# Environment: scripts/env.sh (the active venv, else ./.venv). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${VIRTUAL_ENV:-}" ]]; then
-  [[ -d .venv ]] || python3 -m venv .venv
-  # shellcheck disable=SC1091
-  source .venv/bin/activate
-fi
-python -m pip install -q --upgrade pip setuptools wheel
-python -c "import torch" 2>/dev/null || python -m pip install -q "${ACN_TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q --no-build-isolation -e ".[test]"
+# shellcheck disable=SC1091
+source scripts/env.sh test
 
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}" ACN_BENCH_SMOKE=1
 unset ACN_KERNELS_BACKEND
