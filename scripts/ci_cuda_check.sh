@@ -46,7 +46,7 @@ fi
 echo "== ci_cuda_check: plain nvcc ($("$NVCC" --version | tail -1))"
 obj_dir="$(mktemp -d)"
 trap 'rm -rf "$obj_dir"' EXIT
-flags=(-O3 -lineinfo --use_fast_math --expt-relaxed-constexpr
+flags=(-O3 -lineinfo --expt-relaxed-constexpr
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        -Werror all-warnings -Icsrc/include)
