@@ -6,15 +6,20 @@
 //  2. Work items = (block of kQueryBlock queries) x (chunk of bank rows), run by at::parallel_for.
 //     Splitting the bank into chunks keeps both cores busy when the batch is small (B=1 against a
 //     large bank); each item keeps its own partial top-k list per query.
-//  3. Inside an item, bank tiles of eligible rows only are gathered (masked and non-finite rows are
-//     dropped before any arithmetic), converted to the accumulation type, and multiplied with the
-//     query block by one small GEMM (at::cpu::mm_out, i.e. MKL/oneDNN with their runtime ISA
-//     dispatch, which this file's baseline -O3 flags could not match), all in cache.
+//  3. Inside an item (B > kDirectMaxB), bank tiles of eligible rows only are gathered (masked and
+//     non-finite rows are dropped before any arithmetic), converted to the accumulation type, and
+//     multiplied with the query block by one small GEMM (at::cpu::mm_out, i.e. MKL/oneDNN with
+//     their run-time ISA dispatch), all in cache.
 //  4. Selection over the GEMM tile: v = |b|^2 - 2 q.b is rejected with ONE comparison against a
 //     per-query threshold (the current k-th distance plus a rounding band, below). The rare
 //     survivors get their exact distance sum_d (q_d - b_d)^2 and enter the list (sorted insertion
 //     for small k, a max-heap for large k; topk.h).
+//     Small batches (B <= kDirectMaxB) skip the GEMM and the norms: each row is streamed once and
+//     compared in the direct form with one comparison against each query's k-th distance.
 //  5. Merge of the per-chunk lists of each query.
+//
+// The work items are compiled for AVX-512, AVX2 and the baseline and picked at run time (the
+// extension's flags are the distribution's SSE2 baseline).
 //
 // Why the band: the expanded form |q|^2 + |b|^2 - 2 q.b rounds differently from the direct form,
 // with an error that depends on where a row sits in the GEMM tile, so near-ties could be reordered
@@ -32,6 +37,7 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -56,7 +62,7 @@ constexpr int64_t kMinTileRows = 64;
 constexpr int64_t kMaxTileRows = 2048;
 constexpr int kSortedMaxK = 32;  // sorted insertion up to this k, the heap above
 constexpr int64_t kGroup = 16;   // the selection scan tests this many columns per branch
-constexpr int64_t kDirectMaxB = 4;  // up to this many queries: the direct path, no GEMM
+constexpr int64_t kDirectMaxB = 8;  // up to this many queries: the direct path, no GEMM (measured)
 
 int64_t tile_rows(int64_t D) {
   return std::clamp<int64_t>(kTileElems / std::max<int64_t>(D, 1), kMinTileRows, kMaxTileRows);
@@ -201,8 +207,9 @@ struct Scratch {
 };
 
 // Small batches (B <= kDirectMaxB): every bank row is read once, straight from the bank, and
-// compared with each query in the direct form; the row's finiteness is checked in the same
-// pass (no precomputed norms, so the bank is streamed once: this case is memory-bound).
+// compared with each query in the direct form; no precomputed norms, so the bank is streamed
+// once (this case is memory-bound). e >= 0 always (a sum of squares), so finish_dist only has
+// the overflow to map.
 // Queries [q0, q1) against rows [r0, r1), into chunk c's partial lists.
 template <typename scalar_t, typename acc_t>
 ACN_BODY void search_item_direct(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1,
@@ -227,11 +234,18 @@ ACN_BODY void search_item_direct(const Problem<acc_t>& P, const scalar_t* bank, 
   if (nq > 0) {
     for (int64_t r = r0; r < r1; ++r) {
       if (P.mask && P.mask[r]) continue;
+      // The bank is streamed once: fetch a few rows ahead of the arithmetic.
+      __builtin_prefetch(bank + std::min(r + 8, r1 - 1) * P.bs0);
       const acc_t* row = load_row(bank, r, P.bs0, P.bs1, D, S.tile.data());
-      const acc_t nr = row_norm(row, D);
-      if (nr != nr) continue;
       for (int64_t j = 0; j < nq; ++j) {
-        const acc_t e = acn::finish_dist(exact_dist(qrows[j], row, D));
+        acc_t e = exact_dist(qrows[j], row, D);
+        // With a finite query, a finite distance proves the row finite; only an infinite or
+        // NaN one (overflow, or a NaN/inf in the row) needs the explicit check.
+        if (!(e < acn::inf_v<acc_t>())) {
+          const acc_t nr = row_norm(row, D);
+          if (nr != nr) break;  // the row pairs with no query
+          e = acn::finish_dist(e);
+        }
         if (e > worst[j] || r == skip[j]) continue;
         lists[j].insert(e, r);
         worst[j] = lists[j].worst();
@@ -390,8 +404,9 @@ void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
     });
   }
 
-  // Enough items that every thread has work even for one query block; chunks no smaller than two
-  // tiles, so that the GEMM and selection stay efficient.
+  // Enough items (4 per thread) that every thread has work even for one query block, and that
+  // the dynamic hand-out below can balance; chunks no smaller than two tiles, so that the GEMM
+  // and selection stay efficient.
   const int64_t qblock = gemm ? kQueryBlock : kDirectMaxB;
   const int64_t nqb = (B + qblock - 1) / qblock;
   const int64_t threads = at::get_num_threads();
@@ -404,9 +419,13 @@ void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   P.part_i = part_i.data();
 
   static const Isa isa = detect_isa();
-  at::parallel_for(0, nqb * P.nchunks, 1, [&](int64_t w0, int64_t w1) {
+  // Items are handed out dynamically (an atomic counter), not in static ranges: on a machine
+  // shared with other processes one core is often slower, and a static split would wait for it.
+  const int64_t items = nqb * P.nchunks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     Scratch<acc_t> S(P.tile, D, gemm);
-    for (int64_t w = w0; w < w1; ++w) {
+    for (int64_t w = next++; w < items; w = next++) {
       const int64_t qb = w / P.nchunks, c = w % P.nchunks;
       const int64_t q0 = qb * qblock, q1 = std::min(B, q0 + qblock);
       const int64_t r0 = std::min(N, c * chunk), r1 = std::min(N, r0 + chunk);
