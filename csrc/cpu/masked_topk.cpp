@@ -57,7 +57,7 @@
 namespace {
 
 constexpr int64_t kQueryBlock = 64;     // queries per GEMM tile
-constexpr int64_t kTileElems = 1 << 15;  // bank tile size in elements (rows * D): 128 KiB of floats
+constexpr int64_t kTileElems = 1 << 16;  // bank tile size in elements (rows * D): 256 KiB of floats
 constexpr int64_t kMinTileRows = 64;
 constexpr int64_t kMaxTileRows = 2048;
 constexpr int kSortedMaxK = 32;  // sorted insertion up to this k, the heap above
