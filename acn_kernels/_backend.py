@@ -22,7 +22,7 @@ BACKENDS = ("cpu", "cuda", "triton", "torch")
 GPU_DEFAULT = {"mixture": "cuda", "topk": "cuda"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_ok() -> bool:
     try:
         import triton  # noqa: F401
@@ -77,7 +77,7 @@ def _auto(op: str, device: torch.device) -> str:
     return "torch"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(op: str, device: str, reason: str) -> None:
     warnings.warn(
         f"acn_kernels: no compiled backend for {op} on {device} ({reason or 'unsupported device'}); "

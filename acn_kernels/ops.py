@@ -108,7 +108,8 @@ def _check_topk(
             raise ValueError(f"exclude_mask is on {exclude_mask.device} but queries is on {queries.device}")
     if exclude_index is not None:
         if not isinstance(exclude_index, torch.Tensor) or exclude_index.dtype != torch.int64:
-            raise TypeError(f"exclude_index must be an int64 tensor, got {getattr(exclude_index, 'dtype', exclude_index)}")
+            got = getattr(exclude_index, "dtype", exclude_index)
+            raise TypeError(f"exclude_index must be an int64 tensor, got {got}")
         if exclude_index.shape != (queries.shape[0],):
             raise ValueError(
                 f"exclude_index must have shape [B] = [{queries.shape[0]}], got {tuple(exclude_index.shape)}"

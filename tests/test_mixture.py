@@ -260,6 +260,6 @@ def test_bad_input(backend, device, mutate, exc, pattern):
 def test_nan_input_gives_nan():
     z, lg, mu, ls, _ = make_inputs(3, 4, 2, dtype=torch.float32)
     mu[1, 2, 1] = math.nan
-    for be, dev in [p.values[:2] for p in BACKENDS if p.values[1] == "cpu"]:
+    for be in [p.values[0] for p in BACKENDS if p.values[1] == "cpu"]:
         out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=be)
         assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), be
