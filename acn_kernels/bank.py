@@ -187,7 +187,7 @@ class CodeBank(nn.Module):
         old = self.codes[index].clone()
         self.codes[index] = codes.detach().to(self.codes.dtype)
         try:
-            rows, used, fallbacks = self._resolve(index)
+            rows, used, fallbacks = self._resolve(index, self.codes[index])
         except BaseException:
             self.codes[index] = old
             raise
@@ -205,9 +205,10 @@ class CodeBank(nn.Module):
         return masked_topk(queries, self.codes, k, exclude_mask=exclude_mask, exclude_index=exclude_index,
                            backend=self.backend).indices
 
-    def _resolve(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The picks [B] for queries ``index`` (codes already written), the new used mask, and
-        the number of fallbacks; nothing in the bank is modified."""
+    def _resolve(self, index: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The picks [B] for queries ``index`` with codes ``queries`` [B, D] (already written; a
+        parameter so that a sharded bank, which holds only some rows, can share this), the new
+        used mask, and the number of fallbacks; nothing in the bank is modified."""
         b, n, k = index.shape[0], self.num_codes, self.k
         used = self.used.clone()
         u = rng.uniform(self.seed, rng.NEIGHBOUR, self.pass_index, index).cpu().numpy()
@@ -219,7 +220,7 @@ class CodeBank(nn.Module):
             # Query q of the chunk loses at most q-s rows to earlier queries of the chunk, so
             # K + G - 1 candidates per query always suffice; fewer usually do (see headroom).
             search_k = min(k + min(e - s - 1, self.headroom), n)
-            cand = self._candidates(self.codes[index[s:e]], search_k, used, index[s:e]).cpu().numpy()
+            cand = self._candidates(queries[s:e], search_k, used, index[s:e]).cpu().numpy()
             taken: set[int] = set()
             for q in range(s, e):
                 mine = [int(r) for r in cand[q - s] if r >= 0 and r not in taken][:k]
@@ -228,7 +229,7 @@ class CodeBank(nn.Module):
                     # again with the chunk's earlier picks masked (exactly its candidates).
                     mask = used.clone()
                     mask[torch.tensor(sorted(taken), device=used.device)] = True
-                    again = self._candidates(self.codes[index[q : q + 1]], k, mask, index[q : q + 1])
+                    again = self._candidates(queries[q : q + 1], k, mask, index[q : q + 1])
                     mine = [int(r) for r in again[0].cpu().numpy() if r >= 0]
                 if mine:
                     rows[q] = mine[int(u[q] * len(mine))]
@@ -241,7 +242,7 @@ class CodeBank(nn.Module):
             # Every row but its own is used (at most once per pass): its own row stays excluded,
             # and its pick, already used, cannot change what later queries may take.
             sel = torch.tensor(pending, device=index.device)
-            cand = self._candidates(self.codes[index[sel]], min(k, n - 1), None, index[sel]).cpu().numpy()
+            cand = self._candidates(queries[sel], min(k, n - 1), None, index[sel]).cpu().numpy()
             for j, q in enumerate(pending):
                 mine = [int(r) for r in cand[j] if r >= 0]
                 rows[q] = mine[int(u[q] * len(mine))]

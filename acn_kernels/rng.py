@@ -9,7 +9,8 @@ float64 values in [0, 1) on every device.
 
 Streams keep independent uses apart: :data:`NEIGHBOUR` (the pick among the candidates),
 :data:`EPS` (eps in the loss), :data:`ORDER` (the pass's example order), and the held-out
-evaluation streams :data:`EVAL_NEIGHBOUR` and :data:`EVAL_EPS`.
+evaluation streams :data:`EVAL_NEIGHBOUR` and :data:`EVAL_EPS`; :data:`BANK_INIT` initialises the
+sharded code bank's rows (acn_kernels.distributed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EPS = 2
 ORDER = 3
 EVAL_NEIGHBOUR = 4
 EVAL_EPS = 5
+BANK_INIT = 6
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -106,5 +108,5 @@ def permutation(seed: int, pass_index: int, n: int, device: torch.device | str =
     return torch.argsort(hash_words(seed, ORDER, pass_index, torch.arange(n, device=device)))
 
 
-__all__ = ["EPS", "EVAL_EPS", "EVAL_NEIGHBOUR", "NEIGHBOUR", "ORDER", "hash_words", "mix", "mix_int",
+__all__ = ["BANK_INIT", "EPS", "EVAL_EPS", "EVAL_NEIGHBOUR", "NEIGHBOUR", "ORDER", "hash_words", "mix", "mix_int",
            "normal", "permutation", "uniform"]

@@ -1,0 +1,265 @@
+"""The sharded code bank and data-parallel training (acn_kernels.distributed) on 2 and 3 Gloo
+processes on the CPU, against one process.
+
+Each test starts its ranks as subprocesses running this file (``python test_distributed.py
+SCENARIO RANK WORLD FOLDER``) with a file:// rendezvous, one thread each, a 60 s process-group
+timeout and a hard wall-clock limit, so nothing can hang the suite. The ranks save their results
+to FOLDER; the test compares them with single-process runs here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from acn_kernels import CodeBank, masked_topk
+from acn_kernels.distributed import PassSampler, initial_codes, shard_range
+
+HARD_LIMIT_S = 120
+# (N, D, K, global batch): shards smaller than K at 3 ranks (N=8), and a bank whose pass ends
+# mid-batch with the fallback.
+BANK_CASES = [(8, 3, 5, 3), (35, 4, 3, 8)]
+TRAIN = {"n": 17, "batch": 8, "steps": 7}  # 3 batches per pass; in the last one (1 example) rank 1 has none
+
+
+def launch(scenario: str, world: int, folder, *extra: str) -> list[subprocess.CompletedProcess]:
+    """Run ``world`` ranks of ``scenario``; every rank's CompletedProcess (killed at HARD_LIMIT_S)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(folder), *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=HARD_LIMIT_S)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def assert_ok(done: list[subprocess.CompletedProcess]) -> None:
+    for r, d in enumerate(done):
+        assert d.returncode == 0, f"rank {r} failed:\n{d.stderr[-4000:]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-process oracles
+
+
+def one_process_bank(n: int, d: int, k: int, seed: int = 3) -> CodeBank:
+    bank = CodeBank(n, d, k, seed)
+    bank.codes.copy_(initial_codes(seed, torch.arange(n), d))
+    return bank
+
+
+def global_batches(n: int, b: int, passes: int, seed: int = 3):
+    """(pass, global batch) pairs of ``passes`` passes, as PassSampler makes them at one rank."""
+    sampler = PassSampler(n, b, seed, 0, 1)
+    for p in range(passes):
+        for g in sampler.batches(p):
+            yield p, g
+
+
+def batch_codes(index: torch.Tensor, d: int, pass_index: int) -> torch.Tensor:
+    """Deterministic fresh codes of a batch (any rank computes the same rows)."""
+    gen = torch.Generator().manual_seed(1000 + pass_index)
+    table = torch.randn(10_000, d, generator=gen)
+    return table[index] * 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_pass_sampler_partitions_each_pass():
+    n, b = 23, 8
+    for world in (1, 2, 3):
+        parts = [list(PassSampler(n, b, 5, r, world).batches(2)) for r in range(world)]
+        one = list(PassSampler(n, b, 5, 0, 1).batches(2))
+        for t, g in enumerate(one):  # rank slices concatenate to the one-process batch
+            assert torch.equal(torch.cat([parts[r][t] for r in range(world)]), g)
+        assert sorted(torch.cat(one).tolist()) == list(range(n))
+    assert [x.numel() for x in (PassSampler(9, 4, 0, r, 3).local(torch.arange(2)) for r in range(3))] == [1, 1, 0]
+    with pytest.raises(ValueError, match="rank"):
+        PassSampler(9, 4, 0, 3, 3)
+
+
+def test_shard_range_covers_the_bank():
+    for n, w in [(2, 3), (10, 3), (7, 2)]:
+        ranges = [shard_range(n, r, w) for r in range(w)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_search_and_neighbours_match_one_process(tmp_path, world):
+    assert_ok(launch("bank", world, tmp_path))
+    for case, (n, d, k, b) in enumerate(BANK_CASES):
+        # Side-effect-free search of the whole bank: the concatenated rank results.
+        res = [torch.load(tmp_path / f"bank{case}_rank{r}.pt") for r in range(world)]
+        codes = initial_codes(3, torch.arange(n), d)
+        q = torch.randn(11, d, generator=torch.Generator().manual_seed(case))
+        ex = torch.arange(11) % n
+        for kk in sorted({1, k, n - 1}):
+            want = masked_topk(q, codes, kk, exclude_index=ex, backend="torch")
+            dists = torch.cat([r["search"][kk][0] for r in res])
+            rows = torch.cat([r["search"][kk][1] for r in res])
+            assert torch.equal(rows, want.indices), (kk, rows, want.indices)
+            torch.testing.assert_close(dists, want.dists, rtol=1e-5, atol=1e-5)
+        # Two passes of neighbours over the same global batches as one CodeBank.
+        bank = one_process_bank(n, d, k)
+        got = [r["neighbours"] for r in res]
+        for step, (p, g) in enumerate(global_batches(n, b, 2)):
+            if p != bank.pass_index:
+                bank.new_pass()
+            nb = bank.neighbours(g, batch_codes(g, d, p))
+            rows = torch.cat([got[r][step][0] for r in range(world)])
+            picked = torch.cat([got[r][step][1] for r in range(world)])
+            assert torch.equal(rows, nb.rows), (case, step)
+            assert torch.equal(picked, nb.codes)
+            for r in range(world):
+                assert torch.equal(got[r][step][2], bank.used)  # the replicated used mask
+        full = torch.cat([res[r]["codes"] for r in range(world)])
+        assert torch.equal(full, bank.codes)
+        assert all(res[r]["fallbacks"] == bank.fallbacks for r in range(world))
+        assert torch.equal(res[0]["full_codes"], bank.codes)
+    assert bank.fallbacks >= 1  # the last case ends passes with every other row used
+
+
+def tiny_data(n: int):
+    from acn_kernels.data import ImageData
+
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.rand(n + 6, 1, 28, 28, generator=gen) < 0.3).float()
+    return ImageData(x[:n], None, x[n:], None)
+
+
+def tiny_config(out_steps: int):
+    from acn_kernels.train import TrainConfig
+
+    return TrainConfig(batch_size=TRAIN["batch"], minutes=None, steps=out_steps, checkpoint_every=4, seed=3,
+                       code_dim=4, k=3, components=2)
+
+
+def one_process_training(steps: int):
+    from acn_kernels import train
+
+    data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
+    model = config.build(TRAIN["n"], data.image_shape)
+    model.bank.codes.copy_(initial_codes(config.seed, torch.arange(TRAIN["n"]), config.code_dim))
+    history = train.train(model, data, config, None, progress=False)
+    return model, history
+
+
+def assert_same_training(tmp_path, model, history, world: int) -> None:
+    from acn_kernels.train import CHECKPOINT, load_checkpoint
+
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    want = model.state_dict()
+    assert ckpt["model"].keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            # Gradients are summed in another order. Adam divides by sqrt(v): where a gradient is
+            # ~0 its rounding can move a weight by a fraction of lr = 1e-3, hence atol 1e-4 (most
+            # weights agree to ~1e-7).
+            torch.testing.assert_close(ckpt["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(ckpt["model"][key], value), key
+        else:  # the bank's extra state: pass index, fallbacks, K, seed
+            assert ckpt["model"][key] == value, key
+    assert ckpt["position"]["step"] == TRAIN["steps"] and ckpt["world_size"] == world
+    assert len(ckpt["history"]) == len(history) == 2
+    for mine, theirs in zip(ckpt["history"], history, strict=True):
+        for key in ("train_loss", "train_kl", "train_recon", "test_loss", "fallbacks"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
+
+
+def test_training_on_two_ranks_matches_one_process(tmp_path):
+    assert_ok(launch("train", 2, tmp_path, str(TRAIN["steps"])))
+    model, history = one_process_training(TRAIN["steps"])
+    assert_same_training(tmp_path, model, history, 2)
+
+
+def test_resume_on_two_ranks(tmp_path):
+    assert_ok(launch("train", 2, tmp_path, "4"))
+    assert_ok(launch("train", 2, tmp_path, str(TRAIN["steps"]), "resume"))
+    model, history = one_process_training(TRAIN["steps"])
+    assert_same_training(tmp_path, model, history, 2)
+
+
+@pytest.mark.parametrize("where", ["bank", "encoder"])
+def test_a_failing_rank_stops_every_rank(tmp_path, where):
+    done = launch("fail", 3, tmp_path, where)
+    assert [d.returncode != 0 for d in done] == [True, True, True]
+    assert "ValueError" in done[1].stderr  # the failing rank's own error
+    for r in (0, 2):
+        assert "PeerFailure: rank(s) [1]" in done[r].stderr, done[r].stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The ranks
+
+
+def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[str]) -> None:
+    import torch.distributed as dist
+
+    from acn_kernels.distributed import DistributedCodeBank, shard_model, train_distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{scenario}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        if scenario == "bank":
+            for case, (n, d, k, b) in enumerate(BANK_CASES):
+                bank = DistributedCodeBank(n, d, k, seed=3)
+                q = torch.randn(11, d, generator=torch.Generator().manual_seed(case))
+                ex = torch.arange(11) % n
+                mine = torch.tensor_split(torch.arange(11), world)[rank]
+                search = {}
+                for kk in sorted({1, k, n - 1}):
+                    res = bank.search(q[mine], kk, exclude_index=ex[mine])
+                    search[kk] = (res.dists, res.indices)
+                neighbours = []
+                for p, g in global_batches(n, b, 2):
+                    if p != bank.pass_index:
+                        bank.new_pass()
+                    idx = torch.tensor_split(g, world)[rank]
+                    nb = bank.neighbours(idx, batch_codes(idx, d, p))
+                    neighbours.append((nb.rows, nb.codes, bank.used.clone()))
+                torch.save({"search": search, "neighbours": neighbours, "codes": bank.codes,
+                            "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
+                           f"{folder}/bank{case}_rank{rank}.pt")
+        elif scenario == "train":
+            from acn_kernels.train import CHECKPOINT, load_checkpoint
+
+            steps = int(extra[0])
+            data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
+            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            resume = load_checkpoint(f"{folder}/{CHECKPOINT}") if extra[1:] == ["resume"] else None
+            train_distributed(model, data, config, folder, resume=resume, progress=False)
+        elif scenario == "fail":
+            bank = DistributedCodeBank(12, 2, 2)
+            idx = torch.tensor_split(torch.arange(6), world)[rank]
+            codes = torch.zeros(idx.numel(), 2)
+            bank.neighbours(idx, codes)  # one good step first
+            if rank == 1 and extra[0] == "bank":
+                idx = torch.tensor([0, 0])  # duplicate rows: the bank's own check raises
+            elif rank == 1:
+                raise_before_collective = ValueError("encoder failed on rank 1")
+                bank.agree(raise_before_collective)  # what train_distributed does with a failed forward
+            bank.neighbours(idx, codes)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
