@@ -427,8 +427,12 @@ def train_distributed(
     x = data.train_x.to(device)
     n = x.shape[0]
     sampler = PassSampler(n, config.batch_size, config.seed, rank, world)
+    # The shard differs between ranks and the used mask is already identical: DDP must not
+    # broadcast rank 0's copies (at construction or in forward).
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [f"bank.{name}" for name, _ in bank.named_buffers()])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False, process_group=bank.group)
+                                  process_group=bank.group)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     if resume is None:

@@ -196,8 +196,28 @@ def test_resume_on_two_ranks(tmp_path):
     assert_same_training(tmp_path, model, history, 2)
 
 
-@pytest.mark.parametrize("where", ["bank", "encoder"])
+def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
+    from acn_kernels.train import CHECKPOINT, TrainConfig, load_checkpoint
+
+    data = tiny_data(TRAIN["n"])
+    torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "acn_kernels.distributed", "--data", str(tmp_path / "data.pt"), "--steps", "3",
+           "--batch-size", "8", "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HARD_LIMIT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ckpt = load_checkpoint(str(tmp_path / "run" / CHECKPOINT))
+    assert ckpt["world_size"] == 2 and ckpt["position"]["step"] == 3
+    model = TrainConfig(**ckpt["config"]).build(TRAIN["n"], data.image_shape)
+    model.load_state_dict(ckpt["model"])  # the whole bank, loadable by one process
+    assert model.bank.codes.shape == (TRAIN["n"], 4)
+
+
+@pytest.mark.parametrize("where", ["bank", "train"])
 def test_a_failing_rank_stops_every_rank(tmp_path, where):
+    """Rank 1 raises: in the bank's own argument check (duplicate rows), or in its encoder in
+    the middle of train_distributed's second step; every rank exits with an error, none hangs."""
     done = launch("fail", 3, tmp_path, where)
     assert [d.returncode != 0 for d in done] == [True, True, True]
     assert "ValueError" in done[1].stderr  # the failing rank's own error
@@ -246,6 +266,20 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
             model = shard_model(config.build(TRAIN["n"], data.image_shape))
             resume = load_checkpoint(f"{folder}/{CHECKPOINT}") if extra[1:] == ["resume"] else None
             train_distributed(model, data, config, folder, resume=resume, progress=False)
+        elif scenario == "fail" and extra[0] == "train":
+            data, config = tiny_data(TRAIN["n"]), tiny_config(4)
+            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            if rank == 1:
+                encode, calls = model.encoder.forward, []
+
+                def failing(x: torch.Tensor) -> torch.Tensor:
+                    calls.append(1)
+                    if len(calls) == 2:
+                        raise ValueError("encoder failed on rank 1")
+                    return encode(x)
+
+                model.encoder.forward = failing
+            train_distributed(model, data, config, None, progress=False)
         elif scenario == "fail":
             bank = DistributedCodeBank(12, 2, 2)
             idx = torch.tensor_split(torch.arange(6), world)[rank]
@@ -253,9 +287,6 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
             bank.neighbours(idx, codes)  # one good step first
             if rank == 1 and extra[0] == "bank":
                 idx = torch.tensor([0, 0])  # duplicate rows: the bank's own check raises
-            elif rank == 1:
-                raise_before_collective = ValueError("encoder failed on rank 1")
-                bank.agree(raise_before_collective)  # what train_distributed does with a failed forward
             bank.neighbours(idx, codes)
     finally:
         dist.destroy_process_group()
