@@ -303,6 +303,28 @@ def test_overflowing_finite_pair_gives_flt_max(backend, device):
     assert dd[0, 0] == 3.0 and dd[0, 1] == FLT_MAX and math.isinf(dd[0, 2])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("b", [1, 12])
+def test_huge_finite_values(backend, device, b):
+    """Norms that overflow float32 (the expanded form gives inf/NaN there): pairs still ranked by
+    their direct-form distance, FLT_MAX where it overflows, a huge query finds its twin at 0.
+    b=12 takes the CPU kernel's GEMM path, b=1 its direct path."""
+    bank = grid_data(40, 3, seed=1)
+    bank[1] = 3e19
+    bank[7] = 2e19
+    bank[8] = -2e19
+    bank[3, 0] = math.inf
+    q = grid_data(b, 3, seed=2)
+    q[-1] = 2e19
+    dd, ii = run(backend, q.to(device), bank.to(device), 6)
+    rd, ri = reference.masked_topk(q, bank, 6)  # float32 arithmetic: the same overflows
+    assert torch.equal(ii, ri) and torch.equal(dd, rd)
+    assert ii[-1, 0] == 7 and dd[-1, 0] == 0
+    assert not (ii == 3).any()
+    if b > 1:
+        assert (dd[0] < 1e3).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Dtypes, layouts, sizes
 
