@@ -373,8 +373,11 @@ def shard_model(model: ACN, group: dist.ProcessGroup | None = None) -> ACN:
 def full_state_dict(model: ACN) -> dict[str, torch.Tensor] | None:
     """Collective: the model's state_dict with the whole bank on rank 0 (None elsewhere), in
     the single-process format (a plain :class:`~acn_kernels.ACN` loads it)."""
-    bank = model.bank
-    full = bank.full_codes()
+    return _with_codes(model, model.bank.full_codes())
+
+
+def _with_codes(model: ACN, full: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    """model.state_dict() with the gathered bank ``full`` (None: on ranks other than 0)."""
     if full is None:
         return None
     state = model.state_dict()
@@ -412,7 +415,8 @@ def train_distributed(
     terms on rank 0, over the gathered bank) are written by rank 0 in the single-process format
     (``position`` holds the global order and offset, ``sums`` the global running sums), so
     :func:`acn_kernels.train.load_checkpoint` reads them and ``resume`` continues them. The
-    ``minutes`` budget is rank 0's clock. Returns the per-pass metrics (on every rank).
+    ``minutes`` budget is rank 0's clock. Returns the per-pass metrics (the held-out ones on
+    rank 0 only).
     """
     from tqdm.auto import tqdm
 
@@ -453,10 +457,13 @@ def train_distributed(
         dist.all_reduce(s, group=bank.group)
         return s.cpu()
 
-    def save() -> None:
-        state = full_state_dict(model)
+    def save(full: torch.Tensor | None = None, gathered: bool = False) -> None:
+        """Collective; ``gathered``: ``full`` already holds bank.full_codes() (None off rank 0)."""
+        if not gathered:
+            full = bank.full_codes()
         sums = global_sums()
         if rank == 0 and out_dir is not None:
+            state = _with_codes(model, full)
             atomic_save({
                 "format_version": FORMAT_VERSION,
                 "config": dataclasses.asdict(config),
@@ -523,7 +530,7 @@ def train_distributed(
             pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64)
             if out_dir is not None and rank == 0:
                 atomic_write_text(json.dumps({"history": history}, indent=1), os.path.join(out_dir, "metrics.json"))
-            save()
+            save(full, gathered=True)
             saved_at = pos.step
         elif config.checkpoint_every and pos.step % config.checkpoint_every == 0:
             save()

@@ -115,7 +115,7 @@ def test_search_and_neighbours_match_one_process(tmp_path, world):
             rows = torch.cat([r["search"][kk][1] for r in res])
             assert torch.equal(rows, want.indices), (kk, rows, want.indices)
             torch.testing.assert_close(dists, want.dists, rtol=1e-5, atol=1e-5)
-        # Two passes of neighbours over the same global batches as one CodeBank.
+        # Two passes of neighbours over the same global batches as one CodeBank, then an update.
         bank = one_process_bank(n, d, k)
         got = [r["neighbours"] for r in res]
         for step, (p, g) in enumerate(global_batches(n, b, 2)):
@@ -128,9 +128,9 @@ def test_search_and_neighbours_match_one_process(tmp_path, world):
             assert torch.equal(picked, nb.codes)
             for r in range(world):
                 assert torch.equal(got[r][step][2], bank.used)  # the replicated used mask
-        full = torch.cat([res[r]["codes"] for r in range(world)])
-        assert torch.equal(full, bank.codes)
         assert all(res[r]["fallbacks"] == bank.fallbacks for r in range(world))
+        bank.update(torch.arange(n - 5, n), batch_codes(torch.arange(n - 5, n), d, 9))
+        assert torch.equal(torch.cat([res[r]["codes"] for r in range(world)]), bank.codes)
         assert torch.equal(res[0]["full_codes"], bank.codes)
     assert bank.fallbacks >= 1  # the last case ends passes with every other row used
 
@@ -255,6 +255,9 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                     idx = torch.tensor_split(g, world)[rank]
                     nb = bank.neighbours(idx, batch_codes(idx, d, p))
                     neighbours.append((nb.rows, nb.codes, bank.used.clone()))
+                g = torch.arange(n - 5, n)  # a plain write of the last five rows
+                idx = torch.tensor_split(g, world)[rank]
+                bank.update(idx, batch_codes(idx, d, 9))
                 torch.save({"search": search, "neighbours": neighbours, "codes": bank.codes,
                             "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
                            f"{folder}/bank{case}_rank{rank}.pt")
