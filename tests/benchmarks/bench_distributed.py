@@ -10,9 +10,10 @@ Per global batch of B queries (code size D, K = 5), two operations:
 
 Configurations, each in fresh processes: one process with a plain CodeBank on 1 thread and on 2
 threads (the machine's cores), and 2 ranks x 1 thread with DistributedCodeBank over Gloo. Rank 0
-times each call after a barrier (medians of ROUNDS calls). pytest-benchmark cannot time work
-spread over processes, so this file prints a table (and writes it as JSON to
-$ACN_BENCH_DIST_JSON if set) instead of using the benchmark fixture.
+times each call after a barrier (medians of ROUNDS calls); on 2 ranks also each rank's
+masked_topk over its shard alone ("shard search alone": the part that is not communication).
+pytest-benchmark cannot time work spread over processes, so this file prints a table (and
+writes it as JSON to $ACN_BENCH_DIST_JSON if set) instead of using the benchmark fixture.
 
 Run: OMP_NUM_THREADS=1 flock /tmp/acn_bench.lock pytest tests/benchmarks/bench_distributed.py -s
 """
@@ -62,7 +63,8 @@ def test_distributed_search(point, tmp_path):
     n, b, d = point
     print(f"\nN={n} B={b} D={d} K={K}, median ms of {ROUNDS} (processes x threads):")
     for name, r in results.items():
-        print(f"  {name}: search {1e3 * r['search']:.2f} ms, neighbours {1e3 * r['neighbours']:.2f} ms")
+        shard = f", shard search alone {1e3 * r['shard_search']:.2f} ms" if "shard_search" in r else ""
+        print(f"  {name}: search {1e3 * r['search']:.2f} ms, neighbours {1e3 * r['neighbours']:.2f} ms{shard}")
     if os.environ.get("ACN_BENCH_DIST_JSON"):
         with open(os.environ["ACN_BENCH_DIST_JSON"], "a") as f:
             f.write(json.dumps({"N": n, "B": b, "D": d, "K": K, "rounds": ROUNDS, **results}) + "\n")
@@ -72,7 +74,7 @@ def test_distributed_search(point, tmp_path):
 def _measure(rank: int, world: int, threads: int, n: int, b: int, d: int, folder: str) -> None:
     import torch.distributed as dist
 
-    from acn_kernels import CodeBank
+    from acn_kernels import CodeBank, masked_topk
     from acn_kernels.distributed import DistributedCodeBank, PassSampler
 
     torch.set_num_threads(threads)
@@ -96,8 +98,14 @@ def _measure(rank: int, world: int, threads: int, n: int, b: int, d: int, folder
         idx = next(batches)
         bank.neighbours(idx, torch.randn(idx.numel(), d, generator=gen))
 
+    fns = {"search": search, "neighbours": neighbours}
+    if world > 1:
+        # The shard search alone (both ranks at once, no collectives): search minus this is
+        # the cost of the all-gathers and the merge.
+        every = torch.randn(b, d, generator=torch.Generator().manual_seed(1))
+        fns["shard_search"] = lambda: masked_topk(every, bank.codes, min(K, bank.codes.shape[0]))
     times: dict[str, float] = {}
-    for name, fn in (("search", search), ("neighbours", neighbours)):
+    for name, fn in fns.items():
         fn()  # warm-up
         ts = []
         for _ in range(ROUNDS):
