@@ -258,6 +258,9 @@ class DistributedCodeBank(CodeBank):
                                             or exclude_index.dtype != torch.int64):
             error = ValueError(f"exclude_index must be int64 [B={codes.shape[0]}], got {exclude_index.dtype} "
                                f"{tuple(exclude_index.shape)}")
+        elif exclude_index is not None and exclude_index.numel() and not (
+                -1 <= int(exclude_index.min()) and int(exclude_index.max()) < self.num_codes):
+            error = ValueError(f"exclude_index values must lie in [-1, num_codes={self.num_codes})")
         sizes = self.agree(error, codes.shape[0] if error is None else 0).tolist()
         queries = self._gather_rows(codes.detach().to(self.codes.dtype), sizes)
         ex = None

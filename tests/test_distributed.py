@@ -214,10 +214,11 @@ def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
     assert model.bank.codes.shape == (TRAIN["n"], 4)
 
 
-@pytest.mark.parametrize("where", ["bank", "train"])
+@pytest.mark.parametrize("where", ["bank", "search", "train"])
 def test_a_failing_rank_stops_every_rank(tmp_path, where):
-    """Rank 1 raises: in the bank's own argument check (duplicate rows), or in its encoder in
-    the middle of train_distributed's second step; every rank exits with an error, none hangs."""
+    """Rank 1 raises: in the bank's own argument checks (duplicate rows in neighbours, an
+    exclude_index out of range in search), or in its encoder in the middle of train_distributed's
+    second step; every rank exits with an error, none hangs."""
     done = launch("fail", 3, tmp_path, where)
     assert [d.returncode != 0 for d in done] == [True, True, True]
     assert "ValueError" in done[1].stderr  # the failing rank's own error
@@ -290,6 +291,8 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
             bank.neighbours(idx, codes)  # one good step first
             if rank == 1 and extra[0] == "bank":
                 idx = torch.tensor([0, 0])  # duplicate rows: the bank's own check raises
+            elif rank == 1 and extra[0] == "search":
+                bank.search(codes, exclude_index=torch.full((idx.numel(),), 12))  # out of range
             bank.neighbours(idx, codes)
     finally:
         dist.destroy_process_group()
