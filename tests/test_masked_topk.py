@@ -394,6 +394,38 @@ def test_one_query_large_bank(backend, device):
     assert torch.equal(ii, ri) and torch.equal(dd.double(), rd)
 
 
+_ISA_SCRIPT = """
+import math, torch, acn_kernels
+from acn_kernels import reference
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.float64, torch.bfloat16):
+    for b, n, d, k in ((3, 5000, 7, 9), (40, 3000, 33, 50)):
+        q = ((torch.randint(0, 9, (b, d), generator=g) - 4) / 2).to(dt)
+        bank = ((torch.randint(0, 9, (n, d), generator=g) - 4) / 2).to(dt)
+        bank[5, 0] = math.nan
+        mask = torch.rand(n, generator=g) < 0.3
+        excl = torch.randint(-1, n, (b,), generator=g)
+        dd, ii = acn_kernels.masked_topk(q, bank, k, exclude_mask=mask, exclude_index=excl, backend="cpu")
+        rd, ri = reference.masked_topk(q.double(), bank.double(), k, mask, excl)
+        assert torch.equal(ii, ri) and torch.equal(dd.double(), rd), (dt, b, n, d, k)
+print("ok")
+"""
+
+
+@requires_ext
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cpu_isa_variants(isa):
+    """The CPU kernel's baseline and AVX2 variants (this machine picks the best one; ACN_CPU_ISA
+    caps it) give the reference's results, both paths, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACN_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration, compile, gradients
 

@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -361,19 +362,36 @@ ACN_BODY void search_item_gemm(const Problem<acc_t>& P, const scalar_t* bank, in
     else                                                                                           \
       search_item_direct<scalar_t, acc_t>(P, bank, q0, q1, r0, r1, c, S);                          \
   }
-ACN_ITEM_VARIANT(search_item_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))))
-ACN_ITEM_VARIANT(search_item_avx2, __attribute__((target("avx2,fma"))))
+#if defined(__x86_64__) || defined(__i386__)
+#define ACN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
+#define ACN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else  // other architectures: three copies of the baseline, only kBase is ever picked
+#define ACN_TARGET_AVX512
+#define ACN_TARGET_AVX2
+#endif
+ACN_ITEM_VARIANT(search_item_avx512, ACN_TARGET_AVX512)
+ACN_ITEM_VARIANT(search_item_avx2, ACN_TARGET_AVX2)
 ACN_ITEM_VARIANT(search_item_base, )
 #undef ACN_ITEM_VARIANT
+#undef ACN_TARGET_AVX512
+#undef ACN_TARGET_AVX2
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
+// The best variant this CPU runs. ACN_CPU_ISA=base|avx2 caps it (the tests run every variant on
+// one machine that way).
 Isa detect_isa() {
+  const char* cap = std::getenv("ACN_CPU_ISA");
+  if (cap && std::strcmp(cap, "base") == 0) return Isa::kBase;
+#if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
+  if (cap && std::strcmp(cap, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kBase;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw"))
     return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
   return Isa::kBase;
 }
 
