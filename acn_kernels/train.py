@@ -306,7 +306,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="acn-train",
         description="Train an Associative Compression Network (or the VAE baseline) on binarised images, "
         "then write reconstructions, daydreams, neighbours and metrics. With no arguments: an ACN with "
-        "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes, into runs/acn-default.",
+        "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes or 40 passes, whichever ends "
+        "first, into runs/acn-default.",
     )
     p.add_argument("--model", choices=["acn", "vae"], default=d.model)
     p.add_argument("--encoder", choices=["mlp", "conv"], default=d.encoder)
@@ -322,7 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--minutes", type=float, default=d.minutes,
                    help="wall-clock training budget of this invocation (0 or less: none)")
-    p.add_argument("--epochs", type=int, default=None, help="total passes through the data")
+    p.add_argument("--epochs", type=int, default=40,
+                   help="total passes through the data (default 40: the embedded 4,000 training digits "
+                   "overfit beyond about 40 passes; 0 or less: no limit)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between mid-pass checkpoints (0: pass ends only)")
@@ -353,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
                              code_dim=args.code_dim, k=args.k, components=args.components,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    config.epochs, config.steps = args.epochs, args.steps
+    config.epochs = args.epochs if args.epochs is not None and args.epochs > 0 else None
+    config.steps = args.steps
     config.minutes = args.minutes if args.minutes and args.minutes > 0 else None
     config.checkpoint_every, config.device = args.checkpoint_every, args.device
     if config.epochs is None and config.steps is None and config.minutes is None:
