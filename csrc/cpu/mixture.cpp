@@ -43,19 +43,29 @@ struct MixtureArgs {
 };
 
 // Running log-sum-exp per lane: merge a chunk of cm terms x[j][lane] whose per-lane maxima are
-// cmx into (mx, sum). Lanes innermost, so the exps vectorise.
+// cmx into (mx, sum). Lanes innermost, so the exps vectorise. first: (mx, sum) still hold their
+// start values (-inf, 0), so the merged maximum is cmx and the zero sum needs no rescale; skipping
+// that exp saves two of the 3M + 2 exps per dimension when M <= kChunk, with identical results.
 template <typename acc_t>
 ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x)[kLanes], int64_t cm,
-                      int64_t n) {
+                        int64_t n, bool first) {
   acc_t shift[kLanes];
+  if (first) {
 #pragma omp simd
-  for (int64_t l = 0; l < n; ++l) {
-    const acc_t new_mx = acn::max_of(mx[l], cmx[l]);
-    shift[l] = acn::lse_shift(new_mx);
-    // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
-    const acc_t f = acn::acn_exp(acn::lse_shift(mx[l]) - shift[l]);
-    sum[l] = sum[l] == acc_t(0) ? acc_t(0) : sum[l] * f;
-    mx[l] = new_mx;
+    for (int64_t l = 0; l < n; ++l) {
+      shift[l] = acn::lse_shift(cmx[l]);
+      mx[l] = cmx[l];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      const acc_t new_mx = acn::max_of(mx[l], cmx[l]);
+      shift[l] = acn::lse_shift(new_mx);
+      // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
+      const acc_t f = acn::acn_exp(acn::lse_shift(mx[l]) - shift[l]);
+      sum[l] = sum[l] == acc_t(0) ? acc_t(0) : sum[l] * f;
+      mx[l] = new_mx;
+    }
   }
   for (int64_t j = 0; j < cm; ++j) {
 #pragma omp simd
@@ -173,8 +183,8 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
               cmt[l] = acn::max_of(cmt[l], t);
             }
           }
-          lse_merge(mxl, sl, cml, tl, M, n);
-          lse_merge(mxt, st, cmt, tt, M, n);
+          lse_merge(mxl, sl, cml, tl, M, n, true);
+          lse_merge(mxt, st, cmt, tt, M, n, true);
           done = true;
         }
       }
@@ -196,8 +206,8 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
             cmt[l] = acn::max_of(cmt[l], t);
           }
         }
-        lse_merge(mxl, sl, cml, tl, cm, n);
-        lse_merge(mxt, st, cmt, tt, cm, n);
+        lse_merge(mxl, sl, cml, tl, cm, n, m0 == 0);
+        lse_merge(mxt, st, cmt, tt, cm, n, m0 == 0);
       }
       acc_t bt[kLanes], lz[kLanes];
 #pragma omp simd
