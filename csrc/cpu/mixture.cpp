@@ -177,13 +177,12 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
             for (int64_t l = 0; l < n; ++l) {
               const float t = acn::joint_term(zz[l], bl[j][l], bm[j][l], bs[j][l],
                                               acn::acn_exp(-bs[j][l]));
-              tl[j][l] = bl[j][l];
               tt[j][l] = t;
               cml[l] = acn::max_of(cml[l], bl[j][l]);
               cmt[l] = acn::max_of(cmt[l], t);
             }
           }
-          lse_merge(mxl, sl, cml, tl, M, n, true);
+          lse_merge(mxl, sl, cml, bl, M, n, true);  // the logits as loaded: no copy into tl
           lse_merge(mxt, st, cmt, tt, M, n, true);
           done = true;
         }
