@@ -77,8 +77,9 @@ ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x
 #define ACN_HAVE_TRANSPOSE 1
 // Block transposes for the AVX-512 variant. The lane loops read component j of 16 consecutive
 // dims, a stride-M gather that GCC assembles from scalar loads and inserts (and scatters the
-// gradients likewise); for full float blocks with M <= kChunk these move the block's 16 * M
-// contiguous values with M vector loads (stores) and M * ceil(M / 2) two-source permutes instead.
+// gradients likewise); for full float blocks (any M <= kChunk; used up to kTransposeMaxM) these
+// move the block's 16 * M contiguous values with M vector loads (stores) and M * ceil(M / 2)
+// two-source permutes instead.
 // Out of line: the row loops that call them are compiled without a target before they are
 // inlined into their ISA variants, and GCC checks always_inline against that generic copy.
 #define ACN_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
