@@ -556,11 +556,13 @@ def test_bad_input(backend, device, name, change, exc, match):
 
 
 @requires_ext
-@pytest.mark.parametrize("name,change,exc,match", BAD[:13], ids=[b[0] for b in BAD[:13]])
+@pytest.mark.parametrize(
+    "name,change,exc,match",
+    [b for b in BAD[:13] if b[0] != "k type"],  # the schema itself types k
+    ids=[b[0] for b in BAD[:13] if b[0] != "k type"],
+)
 def test_bad_input_cpp_op(name, change, exc, match):
     """The registered op checks the same things itself (RuntimeError), naming the argument."""
-    if name == "k type":
-        pytest.skip("the schema types k")
     args = _good()
     change(args)
     with pytest.raises(RuntimeError, match=match.replace("a bool", "bool").replace("an int64", "int64")
