@@ -39,12 +39,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "../utils.h"
+#include "cpu_isa.h"
 #include "topk.h"
 
 // No fused multiply-add contraction in this file: the AVX2/AVX-512 variants would otherwise fuse
@@ -362,38 +362,10 @@ ACN_BODY void search_item_gemm(const Problem<acc_t>& P, const scalar_t* bank, in
     else                                                                                           \
       search_item_direct<scalar_t, acc_t>(P, bank, q0, q1, r0, r1, c, S);                          \
   }
-#if defined(__x86_64__) || defined(__i386__)
-#define ACN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
-#define ACN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else  // other architectures: three copies of the baseline, only kBase is ever picked
-#define ACN_TARGET_AVX512
-#define ACN_TARGET_AVX2
-#endif
 ACN_ITEM_VARIANT(search_item_avx512, ACN_TARGET_AVX512)
 ACN_ITEM_VARIANT(search_item_avx2, ACN_TARGET_AVX2)
 ACN_ITEM_VARIANT(search_item_base, )
 #undef ACN_ITEM_VARIANT
-#undef ACN_TARGET_AVX512
-#undef ACN_TARGET_AVX2
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-// The best variant this CPU runs. ACN_CPU_ISA=base|avx2 caps it (the tests run every variant on
-// one machine that way).
-Isa detect_isa() {
-  const char* cap = std::getenv("ACN_CPU_ISA");
-  if (cap && std::strcmp(cap, "base") == 0) return Isa::kBase;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (cap && std::strcmp(cap, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kBase;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
 
 // Query b's final list from its nchunks sorted partial lists (a k-way merge).
 template <typename acc_t>
@@ -463,7 +435,7 @@ void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   P.part_d = part_d.data();
   P.part_i = part_i.data();
 
-  static const Isa isa = detect_isa();
+  const acn::Isa isa = acn::cpu_isa();
   // Items are handed out dynamically (an atomic counter), not in static ranges: on a machine
   // shared with other processes one core is often slower, and a static split would wait for it.
   const int64_t items = nqb * P.nchunks;
@@ -475,13 +447,13 @@ void run(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
       const int64_t q0 = qb * qblock, q1 = std::min(B, q0 + qblock);
       const int64_t r0 = std::min(N, c * chunk), r1 = std::min(N, r0 + chunk);
       switch (isa) {
-        case Isa::kAvx512:
+        case acn::Isa::kAvx512:
           search_item_avx512<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
           break;
-        case Isa::kAvx2:
+        case acn::Isa::kAvx2:
           search_item_avx2<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
           break;
-        case Isa::kBase:
+        case acn::Isa::kBase:
           search_item_base<scalar_t, acc_t>(gemm, P, bp, q0, q1, r0, r1, c, S);
           break;
       }

@@ -14,14 +14,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 #include "../utils.h"
+#include "cpu_isa.h"
 #include "acn_math.h"
 
 // No fused multiply-add contraction: every ISA variant then performs the same IEEE operations in
@@ -318,44 +317,11 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
                                 int64_t b0, int64_t b1) {                                         \
     bwd_rows<scalar_t, TR>(a, grad, z, lg, mu, ls, code, lse, dz, dlg, dmu, dls, dcode, b0, b1);      \
   }
-#if defined(__x86_64__) || defined(__i386__)
-#define ACN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
-#define ACN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else  // other architectures: three copies of the baseline, only kBase is ever picked
-#define ACN_TARGET_AVX512
-#define ACN_TARGET_AVX2
-#endif
 ACN_ROWS_VARIANT(avx512, ACN_TARGET_AVX512,
                  (std::is_same<scalar_t, float>::value && ACN_HAVE_TRANSPOSE))
 ACN_ROWS_VARIANT(avx2, ACN_TARGET_AVX2, false)
 ACN_ROWS_VARIANT(base, , false)
 #undef ACN_ROWS_VARIANT
-#undef ACN_TARGET_AVX512
-#undef ACN_TARGET_AVX2
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-// The best variant this CPU runs. ACN_CPU_ISA=base|avx2 caps it, as for masked_topk (the tests
-// run every variant on one machine that way).
-Isa detect_isa() {
-  const char* cap = std::getenv("ACN_CPU_ISA");
-  if (cap && std::strcmp(cap, "base") == 0) return Isa::kBase;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (cap && std::strcmp(cap, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kBase;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
 
 // Rows per parallel task: enough elements that thread start-up is amortised.
 int64_t grain_rows(int64_t D, int64_t M) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D * M)); }
@@ -378,8 +344,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_fwd_cpu(const at::Tensor& z_, const a
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
-      auto* f = isa() == Isa::kAvx512 ? &fwd_rows_avx512<scalar_t>
-                : isa() == Isa::kAvx2 ? &fwd_rows_avx2<scalar_t>
+      auto* f = acn::cpu_isa() == acn::Isa::kAvx512 ? &fwd_rows_avx512<scalar_t>
+                : acn::cpu_isa() == acn::Isa::kAvx2 ? &fwd_rows_avx2<scalar_t>
                                       : &fwd_rows_base<scalar_t>;
       f(a, z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
         ls.data_ptr<scalar_t>(), cp, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b0, b1);
@@ -414,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_b
     const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
     scalar_t* dcp = code.defined() ? dcode.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
-      auto* f = isa() == Isa::kAvx512 ? &bwd_rows_avx512<scalar_t>
-                : isa() == Isa::kAvx2 ? &bwd_rows_avx2<scalar_t>
+      auto* f = acn::cpu_isa() == acn::Isa::kAvx512 ? &bwd_rows_avx512<scalar_t>
+                : acn::cpu_isa() == acn::Isa::kAvx2 ? &bwd_rows_avx2<scalar_t>
                                       : &bwd_rows_base<scalar_t>;
       f(a, grad.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(),
         mu.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), cp, lse.data_ptr<acc_t>(),

@@ -7,24 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../utils.h"
-#include "launchers.h"
+#include "binding_utils.h"
 
 namespace {
-
-acn::cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return acn::cuda::DType::kFloat32;
-    case at::kHalf:
-      return acn::cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return acn::cuda::DType::kBFloat16;
-    case at::kDouble:
-      return acn::cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, "queries must be float32, float16, bfloat16 or float64 for the cuda backend, got ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
                                                     const at::Tensor& bank_, int64_t k,
@@ -33,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
   acn::check_topk_args(queries_, bank_, k, exclude_mask_, exclude_index_);
   TORCH_CHECK(queries_.is_cuda(), "queries must be a CUDA tensor for the cuda backend, got ",
               queries_.device());
-  const auto dt = cuda_dtype(queries_.scalar_type());
+  const auto dt = acn::cuda::dtype_tag(queries_.scalar_type(), "queries");
   const c10::cuda::CUDAGuard guard(queries_.device());
   const auto queries = queries_.contiguous(), bank = bank_.contiguous();
   const at::Tensor mask = exclude_mask_.has_value() ? exclude_mask_->contiguous() : at::Tensor();

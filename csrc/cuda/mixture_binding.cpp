@@ -7,24 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../utils.h"
-#include "launchers.h"
+#include "binding_utils.h"
 
 namespace {
-
-acn::cuda::DType cuda_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat:
-      return acn::cuda::DType::kFloat32;
-    case at::kHalf:
-      return acn::cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return acn::cuda::DType::kBFloat16;
-    case at::kDouble:
-      return acn::cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, name, " must be float32, float16, bfloat16 or float64 for the cuda backend, got ", t);
-  }
-}
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
@@ -35,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_fwd_cuda(const at::Tensor& z_, const 
                                                     bool per_dim) {
   acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
   TORCH_CHECK(z_.is_cuda(), "z must be a CUDA tensor for the cuda backend, got ", z_.device());
-  const auto dt = cuda_dtype(z_.scalar_type(), "z");
+  const auto dt = acn::cuda::dtype_tag(z_.scalar_type(), "z");
   const c10::cuda::CUDAGuard guard(z_.device());
   const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
              ls = log_scales_.contiguous();
@@ -57,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_b
     const at::Tensor& lse_, bool per_dim) {
   acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
   TORCH_CHECK(z_.is_cuda(), "z must be a CUDA tensor for the cuda backend, got ", z_.device());
-  const auto dt = cuda_dtype(z_.scalar_type(), "z");
+  const auto dt = acn::cuda::dtype_tag(z_.scalar_type(), "z");
   const c10::cuda::CUDAGuard guard(z_.device());
   const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
              ls = log_scales_.contiguous();
