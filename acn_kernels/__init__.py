@@ -6,8 +6,7 @@ which backends ("cpu", "cuda", "triton", "torch") can run here; :data:`MAX_K` is
 
 from . import _ext  # noqa: F401  (loads _C, registering the C++ ops, or warns once)
 from ._backend import backends
-from .bank import CodeBank, Neighbours
-from .models import ACN, VAE, MixturePrior
+from .acn import ACN, VAE, CodeBank, MixturePrior, Neighbours
 from .nn import KNNLayer, MixtureNLLLoss
 from .ops import MAX_K, MaskedTopK, acn_kl, masked_topk, mixture_log_prob
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acn_kernels import MAX_K, CodeBank, masked_topk, rng
-from acn_kernels.bank import Neighbours
+from acn_kernels import MAX_K, CodeBank, masked_topk
+from acn_kernels.acn import rng
+from acn_kernels.acn.bank import Neighbours
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

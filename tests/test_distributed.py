@@ -1,4 +1,4 @@
-"""The sharded code bank and data-parallel training (acn_kernels.distributed) on 2 and 3 Gloo
+"""The sharded code bank and data-parallel training (acn_kernels.acn.distributed) on 2 and 3 Gloo
 processes on the CPU, against one process.
 
 Each test starts its ranks as subprocesses running this file (``python test_distributed.py
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from acn_kernels import CodeBank, masked_topk
-from acn_kernels.distributed import PassSampler, initial_codes, shard_range
+from acn_kernels.acn.distributed import PassSampler, initial_codes, shard_range
 
 HARD_LIMIT_S = 120
 # (N, D, K, global batch): shards smaller than K at 3 ranks (N=8), and a bank whose pass ends
@@ -136,7 +136,7 @@ def test_search_and_neighbours_match_one_process(tmp_path, world):
 
 
 def tiny_data(n: int):
-    from acn_kernels.data import ImageData
+    from acn_kernels.acn.data import ImageData
 
     gen = torch.Generator().manual_seed(7)
     x = (torch.rand(n + 6, 1, 28, 28, generator=gen) < 0.3).float()
@@ -144,14 +144,14 @@ def tiny_data(n: int):
 
 
 def tiny_config(out_steps: int):
-    from acn_kernels.train import TrainConfig
+    from acn_kernels.acn.train import TrainConfig
 
     return TrainConfig(batch_size=TRAIN["batch"], minutes=None, steps=out_steps, checkpoint_every=4, seed=3,
                        code_dim=4, k=3, components=2)
 
 
 def one_process_training(steps: int):
-    from acn_kernels import train
+    from acn_kernels.acn import train
 
     data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
     model = config.build(TRAIN["n"], data.image_shape)
@@ -161,7 +161,7 @@ def one_process_training(steps: int):
 
 
 def assert_same_training(tmp_path, model, history, world: int) -> None:
-    from acn_kernels.train import CHECKPOINT, load_checkpoint
+    from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
 
     ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
     want = model.state_dict()
@@ -197,12 +197,12 @@ def test_resume_on_two_ranks(tmp_path):
 
 
 def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
-    from acn_kernels.train import CHECKPOINT, TrainConfig, load_checkpoint
+    from acn_kernels.acn.train import CHECKPOINT, TrainConfig, load_checkpoint
 
     data = tiny_data(TRAIN["n"])
     torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "acn_kernels.distributed", "--data", str(tmp_path / "data.pt"), "--steps", "3",
+           "-m", "acn_kernels.acn.distributed", "--data", str(tmp_path / "data.pt"), "--steps", "3",
            "--batch-size", "8", "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HARD_LIMIT_S)
@@ -233,7 +233,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path, where):
 def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[str]) -> None:
     import torch.distributed as dist
 
-    from acn_kernels.distributed import DistributedCodeBank, shard_model, train_distributed
+    from acn_kernels.acn.distributed import DistributedCodeBank, shard_model, train_distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{scenario}", rank=rank,
@@ -263,7 +263,7 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                             "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
                            f"{folder}/bank{case}_rank{rank}.pt")
         elif scenario == "train":
-            from acn_kernels.train import CHECKPOINT, load_checkpoint
+            from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
 
             steps = int(extra[0])
             data, config = tiny_data(TRAIN["n"]), tiny_config(steps)

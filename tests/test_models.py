@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
-from acn_kernels import ACN, VAE, CodeBank, MixturePrior, rng
-from acn_kernels.models import (
+from acn_kernels import ACN, VAE, CodeBank, MixturePrior
+from acn_kernels.acn import rng
+from acn_kernels.acn.models import (
     ConvDecoder,
     ConvEncoder,
     MLPDecoder,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from acn_kernels import data as acn_data
-from acn_kernels import evaluate, train
-from acn_kernels.train import CHECKPOINT, TrainConfig, atomic_save, load_checkpoint
+from acn_kernels.acn import data as acn_data
+from acn_kernels.acn import evaluate, train
+from acn_kernels.acn.train import CHECKPOINT, TrainConfig, atomic_save, load_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,7 +191,7 @@ def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     atomic_save({"format_version": train.FORMAT_VERSION, "v": torch.arange(3)}, path)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from acn_kernels.train import atomic_save
+        from acn_kernels.acn.train import atomic_save
         def dying_save(obj, f):
             f.write(b"half a checkpoint")
             f.flush()

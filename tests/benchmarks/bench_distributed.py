@@ -75,7 +75,7 @@ def _measure(rank: int, world: int, threads: int, n: int, b: int, d: int, folder
     import torch.distributed as dist
 
     from acn_kernels import CodeBank, masked_topk
-    from acn_kernels.distributed import DistributedCodeBank, PassSampler
+    from acn_kernels.acn.distributed import DistributedCodeBank, PassSampler
 
     torch.set_num_threads(threads)
     if world > 1:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import acn_kl, mixture_log_prob
 from . import rng
 from .bank import CodeBank
-from .ops import acn_kl, mixture_log_prob
 
 ImageShape = tuple[int, int, int]
 MNIST_SHAPE: ImageShape = (1, 28, 28)

@@ -9,9 +9,9 @@ Built only on torch.distributed collectives (Gloo on CPUs, NCCL on GPUs); see do
   (distance, global row). The batch-order resolution is :class:`~acn_kernels.CodeBank`'s own,
   run identically on every rank over the global batch, so the picks, the used mask (replicated,
   N bools per rank) and the fallback count are the same on every rank and equal one process's.
-- :class:`PassSampler`: global batch t of pass p is slice t of :func:`acn_kernels.rng.permutation`,
+- :class:`PassSampler`: global batch t of pass p is slice t of :func:`acn_kernels.acn.rng.permutation`,
   split into contiguous slices by rank.
-- :func:`train_distributed` and the command ``torchrun --nproc-per-node W -m acn_kernels.distributed``:
+- :func:`train_distributed` and the command ``torchrun --nproc-per-node W -m acn_kernels.acn.distributed``:
   DistributedDataParallel over the encoder, decoder and prior, the sharded bank, checkpoints
   holding the whole bank (gathered on rank 0, the single-process format).
 
@@ -39,10 +39,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..ops import MAX_K, MaskedTopK, masked_topk
 from . import rng
 from .bank import CodeBank, Neighbours
 from .models import ACN
-from .ops import MAX_K, MaskedTopK, masked_topk
 
 _REPORTED = "_acn_reported_to_peers"
 
@@ -65,7 +65,7 @@ def shard_range(num_codes: int, rank: int, world_size: int) -> tuple[int, int]:
 def initial_codes(seed: int, rows: torch.Tensor, code_dim: int) -> torch.Tensor:
     """float32 [len(rows), code_dim]: the N(0, 1) initial codes of bank rows ``rows`` (int64).
 
-    Counter-based (:data:`acn_kernels.rng.BANK_INIT`): row i's code depends only on (seed, i), so
+    Counter-based (:data:`acn_kernels.acn.rng.BANK_INIT`): row i's code depends only on (seed, i), so
     each rank draws its own shard, whatever the number of ranks. (A single-process
     :class:`~acn_kernels.CodeBank` draws torch.randn instead; copy these into it to compare.)
     """
@@ -408,7 +408,7 @@ def train_distributed(
     resume: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Data-parallel :func:`acn_kernels.train.train`: call it on every rank, same arguments.
+    """Data-parallel :func:`acn_kernels.acn.train.train`: call it on every rank, same arguments.
 
     ``model`` is an ACN whose bank is a :class:`DistributedCodeBank` (see :func:`shard_model`),
     on ``config.device``; its networks are wrapped in DistributedDataParallel. Global batches of
@@ -417,7 +417,7 @@ def train_distributed(
     those of the global batch's mean loss (one process's). Checkpoints and metrics (held-out
     terms on rank 0, over the gathered bank) are written by rank 0 in the single-process format
     (``position`` holds the global order and offset, ``sums`` the global running sums), so
-    :func:`acn_kernels.train.load_checkpoint` reads them and ``resume`` continues them. The
+    :func:`acn_kernels.acn.train.load_checkpoint` reads them and ``resume`` continues them. The
     ``minutes`` budget is rank 0's clock. Returns the per-pass metrics (the held-out ones on
     rank 0 only).
     """
@@ -547,7 +547,7 @@ def train_distributed(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc-per-node W -m acn_kernels.distributed [acn-train options]``.
+    """``torchrun --nproc-per-node W -m acn_kernels.acn.distributed [acn-train options]``.
 
     Gloo for ``--device cpu``, NCCL for ``--device cuda`` (rank r uses cuda:LOCAL_RANK). Rank 0
     writes the checkpoint, metrics and, at the end, the report of ``acn-train`` (over the
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import CHECKPOINT, TrainConfig, _parser, atomic_write_text, load_checkpoint
 
     p = _parser()
-    p.prog = "torchrun ... -m acn_kernels.distributed"
+    p.prog = "torchrun ... -m acn_kernels.acn.distributed"
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -580,12 +580,12 @@ def main(argv: list[str] | None = None) -> int:
                                  code_dim=args.code_dim, k=args.k, components=args.components,
                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         if config.model != "acn":
-            raise SystemExit("acn_kernels.distributed trains ACNs only (--model acn)")
+            raise SystemExit("acn_kernels.acn.distributed trains ACNs only (--model acn)")
         config.epochs, config.steps = args.epochs, args.steps
         config.minutes = args.minutes if args.minutes and args.minutes > 0 else None
         config.checkpoint_every, config.device = args.checkpoint_every, device
         if config.epochs is None and config.steps is None and config.minutes is None:
-            print("acn_kernels.distributed: give a budget (--minutes, --epochs or --steps)", file=sys.stderr)
+            print("acn_kernels.acn.distributed: give a budget (--minutes, --epochs or --steps)", file=sys.stderr)
             return 2
         data = load(config.data)
         model = shard_model(config.build(data.train_x.shape[0], data.image_shape).to(device))
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                                    grids=not args.no_report, device=device)
             atomic_write_text(json.dumps({"history": history, "final": summary}, indent=1),
                               os.path.join(out, "metrics.json"))
-            print(f"acn_kernels.distributed: {dist.get_world_size()} ranks; held out: "
+            print(f"acn_kernels.acn.distributed: {dist.get_world_size()} ranks; held out: "
                   f"{summary['heldout']['test_loss']:.2f} nats/image -> {out}")
     finally:
         dist.destroy_process_group()

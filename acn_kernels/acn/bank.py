@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..ops import MAX_K, MaskedTopK, masked_topk
 from . import rng
-from .ops import MAX_K, MaskedTopK, masked_topk
 
 
 class Neighbours(NamedTuple):
@@ -32,7 +32,7 @@ class CodeBank(nn.Module):
         num_codes: N, the number of training examples (rows), at least 2.
         code_dim: D.
         k: K, how many nearest eligible rows each query draws its neighbour from (default 5).
-        seed: seeds the counter-based neighbour picks (:mod:`acn_kernels.rng`).
+        seed: seeds the counter-based neighbour picks (:mod:`acn_kernels.acn.rng`).
         max_search_k: the largest k of one :func:`~acn_kernels.masked_topk` call (default and
             maximum ``MAX_K``). A batch of G queries may need K + G - 1 candidates per query to
             be exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.

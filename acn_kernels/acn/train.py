@@ -1,4 +1,4 @@
-"""The standard ACN training loop and the ``acn-train`` command (also ``python -m acn_kernels.train``).
+"""The standard ACN training loop and the ``acn-train`` command (also ``python -m acn_kernels.acn.train``).
 
 The loop, in short (see :func:`train`)::
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ops import masked_topk
 from . import rng
 from .data import ImageData
 from .models import ACN, VAE, decode_sample
-from .ops import masked_topk
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ float64 values in [0, 1) on every device.
 Streams keep independent uses apart: :data:`NEIGHBOUR` (the pick among the candidates),
 :data:`EPS` (eps in the loss), :data:`ORDER` (the pass's example order), and the held-out
 evaluation streams :data:`EVAL_NEIGHBOUR` and :data:`EVAL_EPS`; :data:`BANK_INIT` initialises the
-sharded code bank's rows (acn_kernels.distributed).
+sharded code bank's rows (acn_kernels.acn.distributed).
 """
 
 from __future__ import annotations

@@ -1,0 +1,7 @@
+"""The ACN layer: the model, its code bank, training, evaluation and the command line, built on
+the kernel layer (:mod:`acn_kernels.ops`, :mod:`acn_kernels.nn`), which never imports it."""
+
+from .bank import CodeBank, Neighbours
+from .models import ACN, VAE, MixturePrior
+
+__all__ = ["ACN", "VAE", "CodeBank", "MixturePrior", "Neighbours"]
