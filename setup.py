@@ -34,7 +34,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 on old
     # torch, C++20 on current releases; torch 2.14's headers refuse C++17) when none is given.

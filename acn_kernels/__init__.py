@@ -5,8 +5,8 @@ which backends ("cpu", "cuda", "triton", "torch") can run here; :data:`MAX_K` is
 """
 
 from . import _ext  # noqa: F401  (loads _C, registering the C++ ops, or warns once)
-from ._backend import backends
 from .acn import ACN, VAE, CodeBank, MixturePrior, Neighbours
+from .dispatch import backends
 from .nn import KNNLayer, MixtureNLLLoss
 from .ops import MAX_K, MaskedTopK, acn_kl, masked_topk, mixture_log_prob
 

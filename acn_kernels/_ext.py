@@ -27,10 +27,3 @@ except Exception as exc:  # noqa: BLE001 - any load failure must degrade, not cr
         stacklevel=2,
     )
 
-
-def has_cpu() -> bool:
-    return C is not None
-
-
-def has_cuda() -> bool:
-    return C is not None and bool(C.built_with_cuda()) and torch.cuda.is_available()

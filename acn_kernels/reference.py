@@ -1,7 +1,7 @@
 """Plain-PyTorch implementations of the ops: the "torch" backend and the oracle of the tests.
 
 Differentiable through autograd, float64-capable, and written for clarity over speed. Both follow
-the contracts of DESIGN.md exactly (masks, ties, padding, -inf rows), so every kernel is compared
+the contracts of docs/design.md exactly (masks, ties, padding, -inf rows), so every kernel is compared
 against them.
 """
 

@@ -28,7 +28,7 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 void check_mixture_args(const at::Tensor& z, const at::Tensor& logits, const at::Tensor& means,
                         const at::Tensor& log_scales, const c10::optional<at::Tensor>& code);
 
-void check_topk_args(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+void check_masked_topk_args(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                      const c10::optional<at::Tensor>& exclude_mask,
                      const c10::optional<at::Tensor>& exclude_index);
 

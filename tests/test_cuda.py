@@ -44,7 +44,7 @@ FLT_MAX = torch.finfo(torch.float32).max
 
 
 def test_cu_sources_include_no_torch_headers():
-    """DESIGN.md: .cu files see only CUDA toolkit headers and csrc/include, so nvcc compiles them
+    """docs/design.md ("Layout"): .cu files see only CUDA toolkit headers and csrc/include, so nvcc compiles them
     without torch (scripts/ci_cuda_check.sh compiles them that way)."""
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
     assert sources, "no CUDA sources found"

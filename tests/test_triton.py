@@ -1,4 +1,4 @@
-"""The Triton backend (acn_kernels/triton_mixture.py, triton_topk.py) against the float64 reference
+"""The Triton backend (acn_kernels/triton/mixture.py, masked_topk.py) against the float64 reference
 and torch.distributions.MixtureSameFamily: forward, every gradient, edge cases, poisoned outputs,
 opcheck of the custom ops and torch.compile of the public functions.
 
@@ -149,7 +149,7 @@ def test_mixture_property(b, d, m, per_dim, kl, seed):
 def test_mixture_gpu_blocks(monkeypatch, b, d, m):
     """The GPU block sizes (32 dimensions by 16 components, so several chunks of each), run under
     the interpreter too."""
-    from acn_kernels import triton_mixture
+    from acn_kernels.triton import mixture as triton_mixture
 
     if INTERPRET:
         real = triton_mixture._blocks
@@ -419,7 +419,7 @@ def test_topk_gpu_configuration(monkeypatch, b, n, d, k):
     """The GPU launch configuration (tl.dot, 16-query blocks, 64-row tiles, many splits and the
     merge kernel), run under the interpreter too; grid data keeps the dot exact, so the result
     must equal the reference bit for bit."""
-    from acn_kernels import triton_topk
+    from acn_kernels.triton import masked_topk as triton_topk
 
     if INTERPRET:
         real = triton_topk._config
@@ -597,7 +597,7 @@ _SM90_COMPILE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from acn_kernels import triton_mixture as tm, triton_topk as tt
+    from acn_kernels.triton import masked_topk as tt, mixture as tm
 
     target = GPUTarget("cuda", 90, 32)
 

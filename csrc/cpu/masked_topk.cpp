@@ -1,4 +1,4 @@
-// CPU kernel of the masked top-K neighbour search (contract: DESIGN.md, masked_topk).
+// CPU kernel of the masked top-K neighbour search (contract: docs/design.md, "masked_topk").
 //
 // Plan of one call:
 //  1. Per bank row, once: |b|^2 in the accumulation type, or NaN when the row is ineligible for
@@ -45,7 +45,7 @@
 
 #include "../utils.h"
 #include "cpu_isa.h"
-#include "topk.h"
+#include "masked_topk.h"
 
 // No fused multiply-add contraction in this file: the AVX2/AVX-512 variants would otherwise fuse
 // exact_dist's t * t + s in some inlined copies and not in others (vectorised group vs scalar
@@ -471,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cpu(const at::Tensor& queries,
                                                    const at::Tensor& bank, int64_t k,
                                                    const c10::optional<at::Tensor>& exclude_mask,
                                                    const c10::optional<at::Tensor>& exclude_index) {
-  acn::check_topk_args(queries, bank, k, exclude_mask, exclude_index);
+  acn::check_masked_topk_args(queries, bank, k, exclude_mask, exclude_index);
   TORCH_CHECK(queries.device().is_cpu(), "queries must be a CPU tensor for the cpu backend, got ",
               queries.device());
   const int64_t B = queries.size(0);

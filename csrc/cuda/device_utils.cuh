@@ -1,6 +1,6 @@
 // Device-side helpers shared by the .cu files: element conversions between the input dtypes and
 // the accumulation type, and the dispatch from a DType tag to a template instantiation.
-// CUDA toolkit headers only (see DESIGN.md: the .cu files never see torch).
+// CUDA toolkit headers only (docs/design.md, "Layout": the .cu files never see torch).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -37,7 +37,7 @@ cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* g
                         cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// Masked top-k (DESIGN.md contract).
+// Masked top-k (contract: docs/design.md, "masked_topk").
 //
 // Two kernels: a partial kernel gives each (query group, bank split) block a sorted top-k list of
 // its split; a merge kernel reduces the `splits` lists of each query. With one split the partial

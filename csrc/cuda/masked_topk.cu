@@ -1,4 +1,4 @@
-// CUDA kernels of the masked top-k neighbour search (DESIGN.md contract), FAISS-like:
+// CUDA kernels of the masked top-k neighbour search (contract: docs/design.md, "masked_topk"), FAISS-like:
 //
 // partial kernel: one block per (group of QB queries, split of bank rows). The block walks its
 //   split in tiles of kTile rows (one row per thread). Each tile is staged in shared memory in
@@ -25,7 +25,7 @@
 #include "acn_math.h"
 #include "device_utils.cuh"
 #include "launchers.h"
-#include "topk.h"
+#include "masked_topk.h"
 
 namespace acn {
 namespace cuda {

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
                                                     const at::Tensor& bank_, int64_t k,
                                                     const c10::optional<at::Tensor>& exclude_mask_,
                                                     const c10::optional<at::Tensor>& exclude_index_) {
-  acn::check_topk_args(queries_, bank_, k, exclude_mask_, exclude_index_);
+  acn::check_masked_topk_args(queries_, bank_, k, exclude_mask_, exclude_index_);
   TORCH_CHECK(queries_.is_cuda(), "queries must be a CUDA tensor for the cuda backend, got ",
               queries_.device());
   const auto dt = acn::cuda::dtype_tag(queries_.scalar_type(), "queries");

@@ -1,4 +1,4 @@
-"""Triton kernels of the masked top-k neighbour search (DESIGN.md, masked_topk).
+"""Triton kernels of the masked top-k neighbour search (docs/design.md, "masked_topk").
 
 Scheme (FAISS's GPU split, with an exact total order):
 
@@ -29,7 +29,7 @@ so B x S stays below B + 64 x SMs). Rows are addressed with 64-bit offsets; the 
 bits for the row, so the bank must hold fewer than 2^32 - 1 rows (checked).
 
 Inputs float32/float16/bfloat16, converted to float32 on load; float64 is rejected with a clear
-error (DESIGN.md keeps it to "cpu" and "torch"). Pairs whose expanded form overflows float32
+error (the capability table keeps it to "cpu", "cuda" and "torch"). Pairs whose expanded form overflows float32
 are recomputed in the direct form (entries above about 1e19 only), so FLT_MAX is reported
 exactly where the distance itself overflows.
 """
@@ -40,14 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _testing, ops
-from .triton_mixture import check_device, device_ctx
+from .. import _testing, registration
+from ..checks import check_masked_topk
+from ..dispatch import CAPABILITIES
+from .launch import SUPPORTED_DTYPES, check_device, device_ctx
 
 # (+inf bits) << 32 | (2^32 - 1): after every eligible key, decodes to (+inf, padding).
 _SENTINEL = tl.constexpr(0x7F800000FFFFFFFF)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
-_MAX_ROWS = (1 << 32) - 1
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_ROWS = CAPABILITIES["triton"].max_bank_rows
 
 
 @triton.jit
@@ -269,16 +270,8 @@ def triton_masked_topk(
         (dists [B, k] float32, indices [B, k] int64), ascending by (distance, row), padded with
         (+inf, -1) where fewer than k rows are eligible. See the module docstring for the scheme.
     """
-    ops._check_topk(queries, bank, k, exclude_mask, None)
-    if exclude_index is not None:
-        if exclude_index.dtype != torch.int64:
-            raise TypeError(f"exclude_index must be an int64 tensor, got {exclude_index.dtype}")
-        if exclude_index.shape != (queries.shape[0],):
-            raise ValueError(f"exclude_index must have shape [B] = [{queries.shape[0]}], "
-                             f"got {tuple(exclude_index.shape)}")
-        if exclude_index.device != queries.device:
-            raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {queries.device}")
-    if queries.dtype not in _SUPPORTED:
+    check_masked_topk(queries, bank, k, exclude_mask, exclude_index, values=False)
+    if queries.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"queries has dtype {queries.dtype}: the triton backend supports float32, float16 and "
             "bfloat16 (use backend='cpu' or 'torch' for float64)"
@@ -287,8 +280,8 @@ def triton_masked_topk(
     check_device(dev, _topk_partial_kernel)
     B, D = queries.shape
     N = bank.shape[0]
-    if N >= _MAX_ROWS:
-        raise ValueError(f"the triton backend supports banks of fewer than {_MAX_ROWS} rows, got N={N}")
+    if N > _MAX_ROWS:
+        raise ValueError(f"the triton backend supports banks of at most {_MAX_ROWS} rows, got N={N}")
     dists = _testing.new_output((B, k), torch.float32, dev)
     idx = _testing.new_output((B, k), torch.int64, dev)
     if B == 0:
@@ -319,4 +312,4 @@ def triton_masked_topk(
     return dists, idx
 
 
-ops.register_topk("acn_kernels::triton_masked_topk")
+registration.register_masked_topk("acn_kernels::triton_masked_topk")

@@ -6,7 +6,7 @@ The math is csrc/include/acn_math.h, written once more in Triton: for element (b
     T = logsumexp_m t_m,   Lz = logsumexp_m logit_m,    log p(z_d) = T - Lz,
 
 with ``lse[b, d] = (T, Lz)`` saved for the backward, which recomputes the responsibilities
-r_m = exp(t_m - T) and weights w_m = exp(logit_m - Lz) from the inputs (DESIGN.md).
+r_m = exp(t_m - T) and weights w_m = exp(logit_m - Lz) from the inputs (docs/design.md, "mixture_log_prob and acn_kl").
 
 Work split: a program owns a [BLOCK_B, BLOCK_D] tile of elements and walks the components in
 chunks of BLOCK_M with an online (max-subtracted) log-sum-exp, so any M runs in fixed registers.
@@ -17,21 +17,20 @@ each program costs about a millisecond of Python.
 
 Dtypes: float32, float16 and bfloat16 inputs, loaded and converted to float32 before any
 arithmetic; the result and ``lse`` are float32, gradients come back in the input dtype. float64
-is rejected with a clear error (DESIGN.md keeps float64 to the "cpu" and "torch" backends).
+is rejected with a clear error (the capability table keeps float64 to "cpu", "cuda" and "torch").
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations, and older
 # torch versions need them as objects, not strings.
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _testing, ops
+from .. import _testing, registration
+from ..checks import check_mixture
+from .launch import SUPPORTED_DTYPES, check_device, device_ctx
 
 _HALF_LOG_2PI = tl.constexpr(0.918938533204672741780329736406)
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -181,35 +180,14 @@ def _blocks(D: int, M: int, interpret: bool) -> tuple[int, int, int]:
     return block_b, block_d, block_m
 
 
-def check_device(device: torch.device, kernel: object) -> None:
-    """Raise unless the Triton ``kernel`` can run tensors on ``device``: CUDA tensors, or CPU
-    tensors when the kernels were defined under TRITON_INTERPRET=1 (shared with triton_topk)."""
-    if device.type == "cuda":
-        return
-    if device.type != "cpu" or not _backend.triton_interpreting():
-        raise RuntimeError(
-            f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {device}"
-        )
-    if type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after acn_kernels defined its Triton kernels, which were "
-            "compiled for the GPU; set it before the first call with backend='triton'"
-        )
-
-
 def _check_args(z, logits, means, log_scales, code) -> None:
-    ops._check_mixture(z, {"logits": logits, "means": means, "log_scales": log_scales}, code)
-    if z.dtype not in _SUPPORTED:
+    check_mixture(z, logits, means, log_scales, code)
+    if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"z has dtype {z.dtype}: the triton backend supports float32, float16 and bfloat16 "
             "(use backend='cpu' or 'torch' for float64)"
         )
     check_device(z.device, _mixture_fwd_kernel)
-
-
-def device_ctx(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("acn_kernels::triton_mixture_fwd", mutates_args=())
@@ -305,4 +283,4 @@ def triton_mixture_bwd(
     return dz, dlg, dmu, dls, dcode
 
 
-ops.register_mixture("acn_kernels::triton_mixture_fwd", "acn_kernels::triton_mixture_bwd")
+registration.register_mixture("acn_kernels::triton_mixture_fwd", "acn_kernels::triton_mixture_bwd")

@@ -1,0 +1,134 @@
+"""The argument checks of every op, written once and shared by every backend (docs/design.md,
+"Backends and dispatch"). Messages name the argument.
+
+The public functions of :mod:`acn_kernels.ops` call them before dispatch, and the Triton ops call
+them again at their own boundary (they are callable directly as ``torch.ops.acn_kernels.*``). The
+C++ ops check the same structure in C++ (csrc/checks.cpp), because they too are callable directly
+and must never read out of bounds whatever they are given.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+MAX_K: int = 1024
+"""The largest k that masked_topk accepts, the same on every backend (csrc/utils.h kMaxK)."""
+
+
+def _describe(x: object) -> str:
+    """A short description of a bad argument: its dtype and shape for tensors, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_float(t: object, name: str) -> None:
+    """``t`` is a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_mixture(
+    z: object, logits: object, means: object, log_scales: object, code: object = None, *, need_code: bool = False
+) -> None:
+    """z [B, D]; logits, means, log_scales [B, D, M] with M >= 1; code [B, D] (required when
+    ``need_code``, i.e. for acn_kl); one floating dtype and one device for all."""
+    check_float(z, "z")
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape [B, D], got {tuple(z.shape)}")
+    m = None
+    for name, t in (("logits", logits), ("means", means), ("log_scales", log_scales)):
+        check_float(t, name)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, D, M], got {tuple(t.shape)}")
+        if t.shape[:2] != z.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but z has shape {tuple(z.shape)}")
+        if m is None:
+            m = t.shape[2]
+            if m == 0:
+                raise ValueError("logits must have at least one component (M >= 1)")
+        elif t.shape[2] != m:
+            raise ValueError(f"{name} has {t.shape[2]} components but logits has {m}")
+        _check_like(t, name, z, "z")
+    if code is None:
+        if need_code:
+            raise TypeError("code must be a [B, D] tensor (the posterior mean), got None")
+        return
+    check_float(code, "code")
+    if code.shape != z.shape:
+        raise ValueError(f"code has shape {tuple(code.shape)} but z has shape {tuple(z.shape)}")
+    _check_like(code, "code", z, "z")
+
+
+def check_k(k: object, n: int) -> int:
+    """k as a Python int: any integer (int, numpy or 0-dim integer tensor, not bool) with
+    1 <= k <= min(n, MAX_K)."""
+    if isinstance(k, bool) or (isinstance(k, torch.Tensor) and (k.dim() or k.is_floating_point())):
+        raise TypeError(f"k must be an int, got {_describe(k)}")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an int, got {_describe(k)}") from None
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"k={k} is above acn_kernels.MAX_K={MAX_K}")
+    if k > n:
+        raise ValueError(f"k={k} is larger than the bank (N={n})")
+    return k
+
+
+def check_masked_topk(
+    queries: object,
+    bank: object,
+    k: object,
+    exclude_mask: object,
+    exclude_index: object,
+    *,
+    values: bool = True,
+) -> int:
+    """queries [B, D], bank [N, D] (one floating dtype, one device), k (see :func:`check_k`),
+    exclude_mask [N] bool or None, exclude_index [B] int64 or None. With ``values``, also the
+    exclude_index values in [-1, N): one device sync on GPU, skipped while compiling. Returns k
+    as an int."""
+    check_float(queries, "queries")
+    check_float(bank, "bank")
+    if queries.dim() != 2:
+        raise ValueError(f"queries must have shape [B, D], got {tuple(queries.shape)}")
+    if bank.dim() != 2:
+        raise ValueError(f"bank must have shape [N, D], got {tuple(bank.shape)}")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank has D={bank.shape[1]} but queries has D={queries.shape[1]}")
+    _check_like(bank, "bank", queries, "queries")
+    n, b = bank.shape[0], queries.shape[0]
+    k = check_k(k, n)
+    if exclude_mask is not None:
+        if not isinstance(exclude_mask, torch.Tensor) or exclude_mask.dtype != torch.bool:
+            raise TypeError(f"exclude_mask must be a bool tensor, got {_describe(exclude_mask)}")
+        if exclude_mask.shape != (n,):
+            raise ValueError(f"exclude_mask must have shape [N] = [{n}], got {tuple(exclude_mask.shape)}")
+        if exclude_mask.device != queries.device:
+            raise ValueError(f"exclude_mask is on {exclude_mask.device} but queries is on {queries.device}")
+    if exclude_index is not None:
+        if not isinstance(exclude_index, torch.Tensor) or exclude_index.dtype != torch.int64:
+            raise TypeError(f"exclude_index must be an int64 tensor, got {_describe(exclude_index)}")
+        if exclude_index.shape != (b,):
+            raise ValueError(f"exclude_index must have shape [B] = [{b}], got {tuple(exclude_index.shape)}")
+        if exclude_index.device != queries.device:
+            raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {queries.device}")
+        if values and exclude_index.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(exclude_index.min()), int(exclude_index.max())
+            if lo < -1 or hi >= n:
+                raise ValueError(f"exclude_index values must lie in [-1, N) = [-1, {n}), got min {lo}, max {hi}")
+    return k

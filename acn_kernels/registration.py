@@ -1,0 +1,92 @@
+"""Fake kernels and autograd formulas of the registered ops, shared by every compiled backend.
+
+The C++ ops (schemas in csrc/ops.cpp: ``acn_kernels::mixture_fwd`` / ``mixture_bwd`` /
+``masked_topk``) are registered here when the extension loads; each Triton module registers its
+own ``acn_kernels::triton_*`` custom ops with the same two functions, so every backend's op has
+the same fake kernel (for torch.compile and opcheck) and the same backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext, reference
+from .checks import MAX_K
+
+
+def register_mixture(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels and autograd for a (mixture_fwd, mixture_bwd) pair with the csrc/ops.cpp schema."""
+    bwd = getattr(torch.ops.acn_kernels, bwd_name.split("::")[-1])
+
+    @torch.library.register_fake(fwd_name)
+    def _fwd_fake(z, logits, means, log_scales, code, per_dim):
+        torch._check(logits.shape[:2] == z.shape)
+        acc = reference.acc_dtype(z.dtype)
+        out = z.new_empty(z.shape, dtype=acc) if per_dim else z.new_empty(z.shape[:1], dtype=acc)
+        return out, z.new_empty((*z.shape, 2), dtype=acc)
+
+    @torch.library.register_fake(bwd_name)
+    def _bwd_fake(grad_out, z, logits, means, log_scales, code, lse, per_dim):
+        dcode = torch.empty_like(z) if code is not None else z.new_empty((0,))
+        return (torch.empty_like(z), torch.empty_like(logits), torch.empty_like(means),
+                torch.empty_like(log_scales), dcode)
+
+    def setup_context(ctx, inputs, output):
+        z, logits, means, log_scales, code, per_dim = inputs
+        ctx.save_for_backward(z, logits, means, log_scales, code, output[1])
+        ctx.per_dim = per_dim
+        ctx.has_code = code is not None
+
+    def backward(ctx, grad_out, _grad_lse):
+        z, logits, means, log_scales, code, lse = ctx.saved_tensors
+        dz, dl, dm, ds, dc = bwd(grad_out.contiguous(), z, logits, means, log_scales,
+                                 code if ctx.has_code else None, lse, ctx.per_dim)
+        return dz, dl, dm, ds, (dc if ctx.has_code else None), None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def masked_topk_backward(
+    grad: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of dists = ||q_b - bank_i||^2 with respect to queries and bank (zero at padding).
+
+    Plain torch ops (a gather and an index_add), deterministic on CPU.
+    """
+    acc = reference.acc_dtype(queries.dtype)
+    valid = indices >= 0
+    rows = indices.clamp_min(0)
+    sel = bank.to(acc)[rows]  # [B, k, D]
+    g = torch.where(valid, grad.to(acc), 0.0).unsqueeze(-1)
+    diff = torch.where(valid.unsqueeze(-1), queries.to(acc).unsqueeze(1) - sel, 0.0) * (2.0 * g)
+    gq = diff.sum(1)
+    gb = torch.zeros(bank.shape, dtype=acc, device=bank.device)
+    gb.index_add_(0, rows.reshape(-1), -diff.reshape(-1, bank.shape[1]))
+    return gq.to(queries.dtype), gb.to(bank.dtype)
+
+
+def register_masked_topk(name: str) -> None:
+    """Fake kernel and autograd for a masked_topk op with the csrc/ops.cpp schema."""
+
+    @torch.library.register_fake(name)
+    def _fake(queries, bank, k, exclude_mask, exclude_index):
+        shape = (queries.shape[0], k)
+        return (queries.new_empty(shape, dtype=reference.acc_dtype(queries.dtype)),
+                queries.new_empty(shape, dtype=torch.int64))
+
+    def setup_context(ctx, inputs, output):
+        queries, bank = inputs[0], inputs[1]
+        ctx.save_for_backward(queries, bank, output[1])
+
+    def backward(ctx, grad_dists, _grad_idx):
+        queries, bank, indices = ctx.saved_tensors
+        gq, gb = masked_topk_backward(grad_dists, queries, bank, indices)
+        return gq, gb, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+if _ext.C is not None:
+    assert int(_ext.C.MAX_K) == MAX_K, "csrc/utils.h kMaxK and acn_kernels.MAX_K disagree"
+    register_mixture("acn_kernels::mixture_fwd", "acn_kernels::mixture_bwd")
+    register_masked_topk("acn_kernels::masked_topk")
