@@ -25,7 +25,8 @@ import torch
 from ..ops import masked_topk
 from . import rng
 from .data import ImageData
-from .models import ACN, VAE, decode_sample
+from .models import ACN, VAE
+from .networks import decode_sample
 
 
 @torch.no_grad()
