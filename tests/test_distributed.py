@@ -144,7 +144,7 @@ def tiny_data(n: int):
 
 
 def tiny_config(out_steps: int):
-    from acn_kernels.acn.train import TrainConfig
+    from acn_kernels.acn.config import TrainConfig
 
     return TrainConfig(batch_size=TRAIN["batch"], minutes=None, steps=out_steps, checkpoint_every=4, seed=3,
                        code_dim=4, k=3, components=2)
@@ -161,7 +161,7 @@ def one_process_training(steps: int):
 
 
 def assert_same_training(tmp_path, model, history, world: int) -> None:
-    from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
 
     ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
     want = model.state_dict()
@@ -197,7 +197,8 @@ def test_resume_on_two_ranks(tmp_path):
 
 
 def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
-    from acn_kernels.acn.train import CHECKPOINT, TrainConfig, load_checkpoint
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+    from acn_kernels.acn.config import TrainConfig
 
     data = tiny_data(TRAIN["n"])
     torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
@@ -263,7 +264,7 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                             "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
                            f"{folder}/bank{case}_rank{rank}.pt")
         elif scenario == "train":
-            from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
+            from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
 
             steps = int(extra[0])
             data, config = tiny_data(TRAIN["n"]), tiny_config(steps)

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from acn_kernels.acn import cli, evaluate, train
 from acn_kernels.acn import data as acn_data
-from acn_kernels.acn import evaluate, train
-from acn_kernels.acn.train import CHECKPOINT, TrainConfig, atomic_save, load_checkpoint
+from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, atomic_save, load_checkpoint
+from acn_kernels.acn.config import TrainConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,7 +132,7 @@ def test_training_smoke_and_outputs(tiny, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"] == hist
     assert (tmp_path / "metrics.png").stat().st_size > 0
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert ckpt["format_version"] == train.FORMAT_VERSION
+    assert ckpt["format_version"] == FORMAT_VERSION
     assert {"config", "model", "optimizer", "position", "rng", "history"} <= ckpt.keys()
     assert {"bank.codes", "bank.used", "bank._extra_state"} <= ckpt["model"].keys()
     assert ckpt["position"]["offset"] == 0 and ckpt["position"]["pass_index"] == 2
@@ -172,7 +173,7 @@ def test_resume_matches_uninterrupted(tiny, tmp_path, stop):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": train.FORMAT_VERSION, "v": torch.arange(3)}, path)
+    atomic_save({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -188,10 +189,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": train.FORMAT_VERSION, "v": torch.arange(3)}, path)
+    atomic_save({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from acn_kernels.acn.train import atomic_save
+        from acn_kernels.acn.checkpoint import atomic_save
         def dying_save(obj, f):
             f.write(b"half a checkpoint")
             f.flush()
@@ -221,9 +222,9 @@ def test_commands_train_resume_and_eval(tiny, tmp_path):
     out = str(tmp_path / "run")
     args = ["--data", str(tmp_path / "digits.pt"), "--out", out, "--batch-size", "50", "--no-progress",
             "--code-dim", "8"]
-    assert train.main([*args, "--steps", "4"]) == 0
+    assert cli.train_main([*args, "--steps", "4"]) == 0
     assert load_checkpoint(os.path.join(out, CHECKPOINT))["position"]["step"] == 4
-    assert train.main([*args, "--steps", "7", "--resume"]) == 0
+    assert cli.train_main([*args, "--steps", "7", "--resume"]) == 0
     ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
     assert ckpt["position"]["step"] == 7 and ckpt["config"]["code_dim"] == 8
     for name in ("reconstructions.png", "daydreams.png", "neighbours.png", "metrics.png", "metrics.json"):
@@ -232,10 +233,10 @@ def test_commands_train_resume_and_eval(tiny, tmp_path):
     assert {"heldout", "representation"} <= final.keys()
 
     vae_out = str(tmp_path / "vae")
-    assert train.main(["--data", str(tmp_path / "digits.pt"), "--out", vae_out, "--model", "vae",
+    assert cli.train_main(["--data", str(tmp_path / "digits.pt"), "--out", vae_out, "--model", "vae",
                        "--steps", "3", "--batch-size", "50", "--no-progress", "--no-report"]) == 0
     ev = str(tmp_path / "eval")
-    assert evaluate.main([out, vae_out, "--out", ev, "--daydream-steps", "2"]) == 0
+    assert cli.eval_main([out, vae_out, "--out", ev, "--daydream-steps", "2"]) == 0
     res = json.loads(open(os.path.join(ev, "eval.json")).read())
     assert len(res) == 4 and "pixels" in res and "pca16" in res
     assert os.path.getsize(os.path.join(ev, "run", "daydreams.png")) > 0

@@ -423,8 +423,9 @@ def train_distributed(
     """
     from tqdm.auto import tqdm
 
+    from .checkpoint import CHECKPOINT, FORMAT_VERSION, atomic_save, atomic_write_text
     from .evaluate import heldout_terms
-    from .train import CHECKPOINT, FORMAT_VERSION, _Position, atomic_save, atomic_write_text, plot_history
+    from .train import _Position, plot_history
 
     bank = model.bank
     if not isinstance(bank, DistributedCodeBank):
@@ -553,11 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     writes the checkpoint, metrics and, at the end, the report of ``acn-train`` (over the
     gathered bank). The process group's timeout is ``ACN_DIST_TIMEOUT_S`` seconds (default 600).
     """
+    from .checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint
+    from .cli import parser
+    from .config import TrainConfig
     from .data import load
     from .evaluate import write_report
-    from .train import CHECKPOINT, TrainConfig, _parser, atomic_write_text, load_checkpoint
 
-    p = _parser()
+    p = parser()
     p.prog = "torchrun ... -m acn_kernels.acn.distributed"
     args = p.parse_args(argv)
     if args.threads > 0:
