@@ -1,5 +1,5 @@
-"""The sharded code bank and data-parallel training (acn_kernels.acn.distributed) on 2 and 3 Gloo
-processes on the CPU, against one process.
+"""The sharded code bank and data-parallel training (acn_kernels.acn.distributed) on 1, 2 and 3
+Gloo processes on the CPU, against one process.
 
 Each test starts its ranks as subprocesses running this file (``python test_distributed.py
 SCENARIO RANK WORLD FOLDER``) with a file:// rendezvous, one thread each, a 60 s process-group
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from acn_kernels import CodeBank, masked_topk
-from acn_kernels.acn.distributed import PassSampler, initial_codes, shard_range
+from acn_kernels.acn.bank import initial_codes
+from acn_kernels.acn.distributed import PassSampler, shard_range
 
 HARD_LIMIT_S = 120
 # (N, D, K, global batch): shards smaller than K at 3 ranks (N=8), and a bank whose pass ends
@@ -56,9 +57,7 @@ def assert_ok(done: list[subprocess.CompletedProcess]) -> None:
 
 
 def one_process_bank(n: int, d: int, k: int, seed: int = 3) -> CodeBank:
-    bank = CodeBank(n, d, k, seed)
-    bank.codes.copy_(initial_codes(seed, torch.arange(n), d))
-    return bank
+    return CodeBank(n, d, k, seed)  # the same initial codes as every sharded bank of this seed
 
 
 def global_batches(n: int, b: int, passes: int, seed: int = 3):
@@ -155,7 +154,6 @@ def one_process_training(steps: int):
 
     data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
     model = config.build(TRAIN["n"], data.image_shape)
-    model.bank.codes.copy_(initial_codes(config.seed, torch.arange(TRAIN["n"]), config.code_dim))
     history = train.train(model, data, config, None, progress=False)
     return model, history
 
@@ -202,8 +200,9 @@ def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
 
     data = tiny_data(TRAIN["n"])
     torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
+    # --epochs 0 means no limit, as for acn-train in one process (it once meant zero steps here).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "acn_kernels.acn.distributed", "--data", str(tmp_path / "data.pt"), "--steps", "3",
+           "-m", "acn_kernels.acn.cli", "--data", str(tmp_path / "data.pt"), "--steps", "3", "--epochs", "0",
            "--batch-size", "8", "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HARD_LIMIT_S)
@@ -218,7 +217,7 @@ def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
 @pytest.mark.parametrize("where", ["bank", "search", "train"])
 def test_a_failing_rank_stops_every_rank(tmp_path, where):
     """Rank 1 raises: in the bank's own argument checks (duplicate rows in neighbours, an
-    exclude_index out of range in search), or in its encoder in the middle of train_distributed's
+    exclude_index out of range in search), or in its encoder in the middle of the training loop's
     second step; every rank exits with an error, none hangs."""
     done = launch("fail", 3, tmp_path, where)
     assert [d.returncode != 0 for d in done] == [True, True, True]
@@ -234,7 +233,8 @@ def test_a_failing_rank_stops_every_rank(tmp_path, where):
 def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[str]) -> None:
     import torch.distributed as dist
 
-    from acn_kernels.acn.distributed import DistributedCodeBank, shard_model, train_distributed
+    from acn_kernels.acn.distributed import DistributedCodeBank, DistributedRuntime
+    from acn_kernels.acn.train import train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{scenario}", rank=rank,
@@ -268,12 +268,14 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
 
             steps = int(extra[0])
             data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
-            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            runtime = DistributedRuntime()
+            model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
             resume = load_checkpoint(f"{folder}/{CHECKPOINT}") if extra[1:] == ["resume"] else None
-            train_distributed(model, data, config, folder, resume=resume, progress=False)
+            train(model, data, config, folder, resume=resume, progress=False, runtime=runtime)
         elif scenario == "fail" and extra[0] == "train":
             data, config = tiny_data(TRAIN["n"]), tiny_config(4)
-            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            runtime = DistributedRuntime()
+            model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
             if rank == 1:
                 encode, calls = model.encoder.forward, []
 
@@ -284,7 +286,7 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                     return encode(x)
 
                 model.encoder.forward = failing
-            train_distributed(model, data, config, None, progress=False)
+            train(model, data, config, None, progress=False, runtime=runtime)
         elif scenario == "fail":
             bank = DistributedCodeBank(12, 2, 2)
             idx = torch.tensor_split(torch.arange(6), world)[rank]

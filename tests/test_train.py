@@ -17,7 +17,7 @@ import torch
 
 from acn_kernels.acn import cli, evaluate, train
 from acn_kernels.acn import data as acn_data
-from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, atomic_save, load_checkpoint
+from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from acn_kernels.acn.config import TrainConfig
 
 
@@ -173,7 +173,7 @@ def test_resume_matches_uninterrupted(tiny, tmp_path, stop):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
+    save_checkpoint({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -181,7 +181,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        atomic_save({"v": torch.arange(5)}, path)
+        save_checkpoint({"v": torch.arange(5)}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was removed
@@ -189,16 +189,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
+    save_checkpoint({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from acn_kernels.acn.checkpoint import atomic_save
+        from acn_kernels.acn.checkpoint import save_checkpoint
         def dying_save(obj, f):
             f.write(b"half a checkpoint")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = dying_save
-        atomic_save({{"v": torch.arange(5)}}, {path!r})
+        save_checkpoint({{"v": torch.arange(5)}}, {path!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()

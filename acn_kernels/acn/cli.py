@@ -1,5 +1,9 @@
 """The command line: ``acn-train`` (:func:`train_main`) and ``acn-eval`` (:func:`eval_main`),
-with the one argument parser of acn-train (:func:`parser`)."""
+with the one argument parser of acn-train (:func:`parser`).
+
+``acn-train`` is also the data-parallel command: ``torchrun --nproc-per-node W -m
+acn_kernels.acn.cli [options]`` runs :func:`train_main` on every rank (docs/distributed.md).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint
+from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint
 from .config import TrainConfig
 from .data import load
+from .distributed import process_group
 from .evaluate import baselines, write_report
-from .train import train
+from .train import Runtime, train
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,15 +67,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``acn-train [options]``: train, then write the report (see :func:`parser`)."""
+    """``acn-train [options]`` (see :func:`parser`): train, then write the report.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` set in the environment) every rank runs it and the run
+    is data-parallel (:mod:`acn_kernels.acn.distributed`): ``--batch-size`` is the global batch,
+    ``--device cuda`` means this rank's GPU (NCCL; Gloo on CPUs), rank 0 writes every file.
+    """
     args = parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", f"{args.model}-default")
     resume = None
     if args.resume is not None:
-        path = os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume
-        resume = load_checkpoint(path)
+        resume = load_checkpoint(os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume)
         config = TrainConfig(**resume["config"])
     else:
         config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
@@ -83,20 +92,33 @@ def train_main(argv: list[str] | None = None) -> int:
     if config.epochs is None and config.steps is None and config.minutes is None:
         print("acn-train: give a budget (--minutes, --epochs or --steps)", file=sys.stderr)
         return 2
+    if "WORLD_SIZE" not in os.environ:
+        _train(config, out, resume, args, Runtime())
+        return 0
+    with process_group(args.device) as (runtime, device):
+        config.device = device
+        _train(config, out, resume, args, runtime)
+    return 0
 
+
+def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: argparse.Namespace,
+           runtime: Runtime) -> None:
     data = load(config.data)
-    model = config.build(data.train_x.shape[0], data.image_shape).to(config.device)
-    print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder) on "
-          f"{config.data}: {data.train_x.shape[0]} training / {data.test_x.shape[0]} held-out images "
-          f"-> {out}")
-    history = train(model, data, config, out, resume=resume, progress=not args.no_progress)
-    summary = write_report(model, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
-    atomic_write_text(json.dumps({"history": history, "final": summary}, indent=1),
-                      os.path.join(out, "metrics.json"))
+    model = runtime.prepare(config.build(data.train_x.shape[0], data.image_shape).to(config.device))
+    ranks = f" on {runtime.world_size} processes" if runtime.world_size > 1 else ""
+    if runtime.writes:
+        print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder) on "
+              f"{config.data}: {data.train_x.shape[0]} training / {data.test_x.shape[0]} held-out images"
+              f"{ranks} -> {out}")
+    history = train(model, data, config, out, resume=resume, progress=not args.no_progress, runtime=runtime)
+    whole = runtime.whole(model)
+    if not runtime.writes:
+        return
+    summary = write_report(whole, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
+    atomic_write(os.path.join(out, "metrics.json"), json.dumps({"history": history, "final": summary}, indent=1))
     h = summary["heldout"]
     print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
           f"{h['test_recon']:.2f}; wrote {', '.join(sorted(os.listdir(out)))}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,11 +173,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         for name, rep in baselines(data).items():
             results[name] = {"representation": rep}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(args.out, "eval.json"), json.dumps(results, indent=1))
     table = _table(results)
-    with open(os.path.join(args.out, "eval.md"), "w") as f:
-        f.write(table + "\n")
+    atomic_write(os.path.join(args.out, "eval.md"), table + "\n")
     print(table)
     return 0
 
