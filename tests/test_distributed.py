@@ -227,6 +227,98 @@ def test_a_failing_rank_stops_every_rank(tmp_path, where):
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 9: one loop, one bank. A one-rank distributed run is a single process's run.
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-rank Gloo process group in this process (a FileStore rendezvous)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def runtimes():
+    from acn_kernels.acn.distributed import DistributedRuntime
+    from acn_kernels.acn.train import Runtime
+
+    return {"one process": Runtime(), "one rank": DistributedRuntime()}
+
+
+def train_tiny(runtime, out, steps: int, model: str = "acn", resume=None, rng_seed: int | None = None):
+    """Train the tiny model; ``rng_seed`` reseeds torch's global RNG between building and training."""
+    from acn_kernels.acn.train import train
+
+    data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
+    config.model = model
+    net = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    return train(net, data, config, str(out), resume=resume, progress=False, runtime=runtime)
+
+
+def assert_close_tree(a, b, path: str = "") -> None:
+    """Same structure and keys; float tensors and floats within float32 tolerance; the rest equal."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key not in ("elapsed", "elapsed_s"):  # wall clock
+                assert_close_tree(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_tree(x, y, f"{path}/{i}")
+    elif isinstance(a, torch.Tensor) and a.is_floating_point():
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=path)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("model", ["acn", "vae"])
+def test_one_rank_equals_one_process(tmp_path, one_rank, model, monkeypatch):
+    """Same checkpoint (weights, bank, optimiser, position, RNG state, history, every key), and
+    the same plots during the run (metrics.png after each pass with PLOT_SECONDS = 0)."""
+    from acn_kernels.acn import train as loop
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+
+    plots = []
+    monkeypatch.setattr(loop, "PLOT_SECONDS", 0.0)
+    monkeypatch.setattr(loop, "plot_history", lambda history, path: plots.append(len(history)))
+    ckpts, passes = [], []
+    for name, runtime in runtimes().items():
+        plots.clear()
+        history = train_tiny(runtime, tmp_path / name, TRAIN["steps"], model)
+        passes.append(list(plots))
+        ckpts.append(load_checkpoint(str(tmp_path / name / CHECKPOINT)))
+        assert len(history) == 2 and "test_loss" in history[-1], name
+    assert passes == [[1, 2], [1, 2]]  # one plot per pass, none repeated at the end
+    assert ckpts[0]["world_size"] == ckpts[1]["world_size"] == 1
+    assert_close_tree(ckpts[0], ckpts[1])
+
+
+@pytest.mark.parametrize("name", ["one process", "one rank"])
+def test_resume_restores_the_rng_state(tmp_path, one_rank, name):
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+
+    train_tiny(runtimes()[name], tmp_path, 4)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    train_tiny(runtimes()[name], tmp_path, TRAIN["steps"], resume=ckpt, rng_seed=12345)  # another state
+    # Training draws only counter-based numbers, so the state is the checkpoint's, restored.
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    assert load_checkpoint(str(tmp_path / CHECKPOINT))["position"]["step"] == TRAIN["steps"]
+
+
+# ------------------------------------------------------------------------------------------------
 # The ranks
 
 

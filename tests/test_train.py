@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from acn_kernels.acn import cli, evaluate, train
 from acn_kernels.acn import data as acn_data
-from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, atomic_write, load_checkpoint, save_checkpoint
 from acn_kernels.acn.config import TrainConfig
 
 
@@ -249,3 +250,41 @@ def test_heldout_terms_are_reproducible(tiny):
     b = evaluate.heldout_terms(model, tiny.test_x, batch=7)
     assert a == pytest.approx(b, rel=1e-5)
     assert a["test_loss"] == pytest.approx(a["test_kl"] + a["test_recon"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 9: one atomic write, one command
+
+
+@pytest.mark.parametrize(("content", "want"), [
+    ("text, UTF-8: \u00fc", "text, UTF-8: \u00fc".encode()),
+    (b"\x00\x01 bytes", b"\x00\x01 bytes"),
+    (lambda f: f.write(b"by a writer"), b"by a writer"),
+], ids=["text", "bytes", "writer"])
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch, content, want):
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write(str(path), content)
+    assert synced == ["file", "folder"]  # the data before the rename, the rename itself after
+    assert path.read_bytes() == want
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_epochs_zero_means_no_limit(tiny, tmp_path):
+    """acn-train --epochs 0: no pass limit (the other budgets decide), under torchrun too
+    (test_distributed.py runs the same command on 2 ranks)."""
+    torch.save({"train_x": tiny.train_x[:100], "test_x": tiny.test_x[:20]}, tmp_path / "digits.pt")
+    out = str(tmp_path / "run")
+    assert cli.train_main(["--data", str(tmp_path / "digits.pt"), "--out", out, "--batch-size", "50",
+                           "--code-dim", "4", "--epochs", "0", "--steps", "5", "--minutes", "0",
+                           "--no-progress", "--no-report"]) == 0
+    ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
+    assert ckpt["position"]["step"] == 5 and len(ckpt["history"]) == 2 and ckpt["config"]["epochs"] is None
