@@ -35,9 +35,9 @@ class LossTerms(NamedTuple):
 class ACN(nn.Module):
     """An Associative Compression Network: encoder, decoder, prior network and code bank.
 
-    ``forward(x, index)`` runs DESIGN.md's batch for images x [B, C, H, W] of training examples
-    ``index`` [B] (int64 rows of the bank): code = encoder(x); the bank writes the codes and picks
-    one neighbour c-hat per example (:meth:`CodeBank.neighbours`); z = code + eps with eps the
+    ``forward(x, index)`` runs the batch of docs/design.md ("The model") for images x [B, C, H, W]
+    of training examples ``index`` [B] (int64 rows of the bank): code = encoder(x); the bank writes
+    the codes and picks one neighbour c-hat per example (:meth:`CodeBank.neighbours`); z = code + eps with eps the
     counter-based N(0, I) draw of (bank.seed, pass, index); KL = log N(z; code, I) -
     log p(z | c-hat) (fused :func:`~acn_kernels.acn_kl`); recon = -log r(x | z). Returns
     :class:`LossTerms`; the batch loss is ``terms.loss.mean()``.
