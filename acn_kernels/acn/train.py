@@ -233,7 +233,8 @@ def train(
         except Exception as e:  # the runtime tells the other processes, then re-raises it
             error = e
         pos.elapsed = elapsed0 + time.monotonic() - start
-        time_up = runtime.agree(error, config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes)
+        late = config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes
+        time_up = runtime.agree(error, late)
         opt.zero_grad(set_to_none=True)
         (terms.loss.sum() * runtime.world_size / batch.numel()).backward()
         opt.step()
