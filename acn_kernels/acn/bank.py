@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_exclude_index, check_k
 from ..ops import MAX_K, MaskedTopK, masked_topk
 from . import rng
 
@@ -183,17 +184,9 @@ class CodeBank(nn.Module):
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != self.code_dim:
             raise ValueError(f"codes must have shape [B, code_dim={self.code_dim}], "
                              f"got {tuple(getattr(codes, 'shape', ()))}")
-        if not 1 <= k <= min(self.num_codes, MAX_K):
-            raise ValueError(f"k must lie in [1, min(N={self.num_codes}, MAX_K={MAX_K})], got {k}")
+        check_k(k, self.num_codes)
         if exclude_index is not None:
-            if not isinstance(exclude_index, torch.Tensor) or exclude_index.dtype != torch.int64 \
-                    or exclude_index.shape != codes.shape[:1]:
-                raise ValueError(f"exclude_index must be int64 [B={codes.shape[0]}], got "
-                                 f"{getattr(exclude_index, 'dtype', type(exclude_index))} "
-                                 f"{tuple(getattr(exclude_index, 'shape', ()))}")
-            if exclude_index.numel() and not (-1 <= int(exclude_index.min())
-                                              and int(exclude_index.max()) < self.num_codes):
-                raise ValueError(f"exclude_index values must lie in [-1, num_codes={self.num_codes})")
+            check_exclude_index(exclude_index, codes.shape[0], self.num_codes, codes.device)
 
     @staticmethod
     def _error(check: Callable[[], None]) -> Exception | None:
