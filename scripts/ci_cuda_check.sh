@@ -123,7 +123,7 @@ find "$BUILD_DIR" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 tar -xzf "$obj_dir"/*.tar.gz -C "$BUILD_DIR" --strip-components=1
 t0=$SECONDS
 ACN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" CUDA_HOME="$CUDA_HOME" \
-  "$VENV/bin/python" -m pip wheel -v --no-build-isolation --no-deps -w "$obj_dir" "$BUILD_DIR" \
+  "$VENV/bin/python" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$obj_dir" "$BUILD_DIR" \
   >"$BUILD_DIR/build.log" 2>&1 \
   || { grep -E -A12 '^FAILED:' "$BUILD_DIR/build.log" | head -n 80 >&2 || tail -n 60 "$BUILD_DIR/build.log" >&2
        echo "FAIL: CUDA wheel from the sdist (log: $BUILD_DIR/build.log)" >&2; exit 1; }

@@ -49,7 +49,7 @@ echo "ok   $(basename "$sdist") ($(tar -tzf "$sdist" | wc -l) entries)"
 
 echo "== sdist_check: wheel from the unpacked sdist (torch $torch_version)"
 t0=$SECONDS
-MAX_JOBS="${MAX_JOBS:-2}" python -m pip wheel -v --no-build-isolation --no-deps -w "$tmp/dist" "$src" \
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$tmp/dist" "$src" \
   >"$tmp/wheel.log" 2>&1 \
   || { grep -E -A12 '^FAILED:|error:' "$tmp/wheel.log" | head -n 80 >&2 || tail -n 60 "$tmp/wheel.log" >&2
        echo "FAIL: wheel from the sdist" >&2; exit 1; }
