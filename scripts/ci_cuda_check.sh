@@ -3,29 +3,40 @@
 #
 #   bash scripts/ci_cuda_check.sh [--nvcc-only]
 #
-# 1. Layout rule (DESIGN.md): no .cu/.cuh file includes torch, ATen or c10 headers.
+# 1. Layout rule (docs/design.md, "Layout"): no .cu/.cuh file includes torch, ATen or c10 headers.
 # 2. Every csrc/cuda/*.cu compiles with plain nvcc for sm_75, sm_80 and sm_90 (C++17, and C++20
 #    for sm_90), with the flags torch's CUDAExtension adds (relaxed constexpr, no implicit half
 #    conversions) plus setup.py's, warnings as errors. Seconds per file.
-# 3. Unless --nvcc-only: a CUDA build of acn_kernels._C (ACN_FORCE_CUDA=1,
-#    TORCH_CUDA_ARCH_LIST=9.0) against a CUDA build of torch in a separate virtual environment
-#    ($ACN_CUDA_VENV, default /tmp/acn-venv-cuda, created on first use from the torch wheel on
-#    local disk, about 5.5 GB, 75 s), done in a copy of the repository ($ACN_CUDA_BUILD_DIR,
-#    default /tmp/acn-cuda-build, kept for incremental rebuilds) so it never touches the CPU build
-#    in the working tree; then `import acn_kernels._C` there (no GPU needed) and a check that every
-#    op has a CUDA kernel registered with the dispatcher.
+# 3. Unless --nvcc-only: a CUDA wheel built the way the README tells users to build one, from the
+#    sdist (`python -m build --sdist`, unpacked into $ACN_CUDA_BUILD_DIR, kept between runs so that
+#    ninja rebuilds only what changed; the archive keeps the files' times), with ACN_FORCE_CUDA=1,
+#    TORCH_CUDA_ARCH_LIST=9.0 and `pip wheel --no-build-isolation --no-deps` against a CUDA build of
+#    torch in a separate virtual environment ($ACN_CUDA_VENV, created on first use from the torch
+#    wheel on local disk, about 5.5 GB, 75 s); the wheel is installed there and, from outside the
+#    sources, `import acn_kernels._C` (no GPU needed) and a check that every op has a CUDA kernel
+#    registered with the dispatcher.
 # Time on a 2-core machine: nvcc loop about 25 s; full CUDA build of _C about 6 min (incremental
 # rebuilds after a .cu change well under a minute).
 #
-# Environment: NVCC (default $CUDA_HOME/bin/nvcc or /usr/local/cuda/bin/nvcc), ACN_CUDA_VENV,
-# ACN_CUDA_TORCH (pip requirement of the CUDA torch, default torch==2.14.1), MAX_JOBS (default 2).
+# The venv and the build are a cache under $ACN_CUDA_CACHE (default
+# ${XDG_CACHE_HOME:-~/.cache}/acn-kernels), never in a shared temporary folder: this script runs the
+# Python interpreter found there, so the cache and every folder above it must be writable by this
+# user only (folders of root, or sticky ones like /tmp, are fine above it); it is created with mode
+# 0700 and checked before each use, and everything this script writes is private (umask 077).
+#
+# Environment: NVCC (default $CUDA_HOME/bin/nvcc or /usr/local/cuda/bin/nvcc), ACN_CUDA_CACHE,
+# ACN_CUDA_VENV (default $ACN_CUDA_CACHE/venv-cuda), ACN_CUDA_BUILD_DIR (default
+# $ACN_CUDA_CACHE/cuda-build), ACN_CUDA_TORCH (pip requirement of the CUDA torch, default
+# torch==2.14.1), MAX_JOBS (default 2).
 set -euo pipefail
 
+umask 077
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 NVCC="${NVCC:-$CUDA_HOME/bin/nvcc}"
-VENV="${ACN_CUDA_VENV:-/tmp/acn-venv-cuda}"
-BUILD_DIR="${ACN_CUDA_BUILD_DIR:-/tmp/acn-cuda-build}"
+CACHE="${ACN_CUDA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/acn-kernels}"
+VENV="${ACN_CUDA_VENV:-$CACHE/venv-cuda}"
+BUILD_DIR="${ACN_CUDA_BUILD_DIR:-$CACHE/cuda-build}"
 TORCH_REQ="${ACN_CUDA_TORCH:-torch==2.14.1}"
 NVCC_ONLY=0
 case "${1:-}" in
@@ -33,6 +44,33 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: $0 [--nvcc-only]" >&2; exit 2 ;;
 esac
+
+# Print the physical path of folder $1, creating it (mode 0700) if missing, after checking that no
+# other user can write it or replace it: it and every folder above it must belong to this user or
+# root and be writable by no one else, unless sticky (then others cannot rename what is ours).
+private_dir() {
+  local dir uid owner mode p
+  uid="$(id -u)"
+  mkdir -p "$(dirname "$1")"
+  dir="$(realpath -m "$1")"
+  [[ -e "$dir" ]] || mkdir -m 0700 "$dir"
+  [[ -d "$dir" ]] || { echo "FAIL: $dir is not a folder" >&2; return 1; }
+  read -r owner mode < <(stat -c '%u %a' "$dir")
+  if [[ $owner != "$uid" ]] || (( 8#$mode & 8#022 )); then
+    echo "FAIL: $dir must belong to uid $uid and be writable by it alone (it is uid $owner, mode $mode)" >&2
+    return 1
+  fi
+  p="$dir"
+  while [[ $p != / ]]; do
+    p="$(dirname "$p")"
+    read -r owner mode < <(stat -c '%u %a' "$p")
+    if [[ $owner != "$uid" && $owner != 0 ]] || { (( 8#$mode & 8#022 )) && ! (( 8#$mode & 8#1000 )); }; then
+      echo "FAIL: $p, above $dir, can be written by others (uid $owner, mode $mode)" >&2
+      return 1
+    fi
+  done
+  echo "$dir"
+}
 
 t_start=$SECONDS
 cd "$ROOT"
@@ -66,39 +104,40 @@ if [[ $NVCC_ONLY == 1 ]]; then
   exit 0
 fi
 
+CACHE="$(private_dir "$CACHE")"
+VENV="$(private_dir "$VENV")"
+BUILD_DIR="$(private_dir "$BUILD_DIR")"
 echo "== ci_cuda_check: CUDA torch venv at $VENV"
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-  rm -rf "$VENV"
+if ! "$VENV/bin/python" -c "import build, torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  find "$VENV" -mindepth 1 -delete
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_REQ" ninja setuptools wheel numpy packaging
+  "$VENV/bin/pip" install -q "$TORCH_REQ" ninja setuptools wheel numpy packaging build
 fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
-echo "== ci_cuda_check: CUDA build of _C in a copy of the repository ($BUILD_DIR)"
-# The copy persists between runs so that ninja rebuilds only what changed (tar keeps the files'
-# times); its sources are replaced each time, so deleted files do not linger.
-mkdir -p "$BUILD_DIR"
-rm -rf "$BUILD_DIR/csrc" "$BUILD_DIR/acn_kernels" "$BUILD_DIR/setup.py"
-# Tracked and untracked-but-not-ignored files: what a clone would have, without build outputs.
-git ls-files -z --cached --others --exclude-standard \
-  | tar --null --ignore-failed-read -T - -cf - | tar -C "$BUILD_DIR" -xf -
+echo "== ci_cuda_check: CUDA wheel from the sdist, built in $BUILD_DIR"
+"$VENV/bin/python" -m build --sdist --no-isolation --outdir "$obj_dir" "$ROOT" >"$obj_dir/sdist.log" 2>&1 \
+  || { tail -n 40 "$obj_dir/sdist.log" >&2; echo "FAIL: python -m build --sdist" >&2; exit 1; }
+# Replace the sources (deleted files must not linger), keep build/ (ninja's objects and log).
+find "$BUILD_DIR" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+tar -xzf "$obj_dir"/*.tar.gz -C "$BUILD_DIR" --strip-components=1
 t0=$SECONDS
-(
-  cd "$BUILD_DIR"
-  ACN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" CUDA_HOME="$CUDA_HOME" \
-    "$VENV/bin/python" setup.py -q build_ext --inplace >build.log 2>&1 \
-    || { grep -E -A12 '^FAILED:' build.log | head -n 80 >&2 || tail -n 60 build.log >&2
-         echo "FAIL: CUDA build of _C" >&2; exit 1; }
-)
-echo "ok   CUDA build of _C ($((SECONDS - t0)) s)"
+ACN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" CUDA_HOME="$CUDA_HOME" \
+  "$VENV/bin/python" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$obj_dir" "$BUILD_DIR" \
+  >"$BUILD_DIR/build.log" 2>&1 \
+  || { grep -E -A12 '^FAILED:' "$BUILD_DIR/build.log" | head -n 80 >&2 || tail -n 60 "$BUILD_DIR/build.log" >&2
+       echo "FAIL: CUDA wheel from the sdist (log: $BUILD_DIR/build.log)" >&2; exit 1; }
+echo "ok   CUDA wheel from the sdist: $(basename "$obj_dir"/*.whl) ($((SECONDS - t0)) s)"
+"$VENV/bin/pip" install -q --no-deps --force-reinstall "$obj_dir"/*.whl
 
 (
-  cd "$BUILD_DIR"
+  cd "$obj_dir"  # no acn_kernels folder here: the import is the installed wheel's
   "$VENV/bin/python" - <<'EOF'
 import torch
 
 import acn_kernels._C as C
 
+assert "site-packages" in C.__file__, C.__file__
 assert C.built_with_cuda(), "_C was built without ACN_WITH_CUDA"
 for op in ("mixture_fwd", "mixture_bwd", "masked_topk"):
     for key in ("CPU", "CUDA"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -97,3 +99,34 @@ def test_import_without_extension_warns_once_and_falls_back(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("ACN_KERNELS_BACKEND", "TRITON_INTERPRET")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 14: the source distribution and the installed metadata
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="no source tree (tests copied out beside a wheel)")
+def test_sdist_lists_every_build_input_and_test(tmp_path):
+    """setuptools' file list for the sdist (SOURCES.txt, what `python -m build --sdist` archives)
+    holds every C++/CUDA source and header under csrc/ and every test module: a new header that
+    MANIFEST.in does not ship would break `pip install` from the sdist at its first #include."""
+    res = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    listed = set((tmp_path / "acn_kernels.egg-info" / "SOURCES.txt").read_text().splitlines())
+    sources = [p for p in ROOT.glob("csrc/**/*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")]
+    wanted = {p.relative_to(ROOT).as_posix() for p in [*sources, *ROOT.glob("tests/**/*.py")]}
+    assert {".h", ".cpp", ".cu"} <= {p.suffix for p in sources}  # the globs see the sources
+    wanted |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"}
+    assert wanted <= listed, sorted(wanted - listed)
+
+
+def test_installed_version_is_the_package_version():
+    """One version: the distribution's metadata is read from acn_kernels.__version__."""
+    try:
+        installed = importlib.metadata.version("acn-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("acn-kernels is not installed (imported from the path only)")
+    assert installed == acn_kernels.__version__
