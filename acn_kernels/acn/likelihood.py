@@ -73,8 +73,8 @@ class Likelihood(ABC):
 
     def _level_index(self, x: torch.Tensor) -> torch.Tensor:
         """x in [0, 1] on the grid k / (levels - 1) -> k (int64). Values more than a quarter of a
-        level off the grid (none are in float16 and wider dtypes), or outside [0, 1], raise (one
-        host sync)."""
+        level off the grid (float16 and wider dtypes hold every level far closer), or outside
+        [0, 1], raise (one host sync)."""
         scaled = x.double() * (self.levels - 1)
         k = scaled.round()
         if not bool(((scaled - k).abs() <= 0.25).all() & (k >= 0).all() & (k < self.levels).all()):
