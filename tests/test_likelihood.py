@@ -5,7 +5,9 @@ every level, gradients at the edge bins, exact sampling, and a colour (C = 3) ca
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import mpmath
 import pytest
@@ -20,9 +22,24 @@ from torch.distributions import (
     Uniform,
 )
 
+from acn_kernels.acn import cli, rng, train
+from acn_kernels.acn import data as acn_data
 from acn_kernels.acn import likelihood as lk
+from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+from acn_kernels.acn.config import TrainConfig
+from acn_kernels.acn.models import build_model
+from acn_kernels.acn.networks import ConvDecoder, MLPDecoder, PixelCNNDecoder, decode_sample
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and extra threads compete on a shared runner)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -331,3 +348,143 @@ def test_bad_input_names_the_argument():
         lk.DiscretizedLogisticMixture(1, 0)
     with pytest.raises(ValueError, match="log_scale_bound"):
         lk.DiscretizedLogisticMixture(1, 2, log_scale_bound=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wired into the ACN layer: decoders, models, the training loop, acn-train and acn-eval
+
+
+def _make(name: str, channels: int) -> lk.Likelihood:
+    return lk.make_likelihood(name, channels, **({"components": 2} if name == "logistic" else {}))
+
+
+@pytest.mark.parametrize("name", sorted(lk.LIKELIHOODS))
+@pytest.mark.parametrize("decoder", ["mlp", "conv", "pixelcnn"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decoders_emit_their_likelihoods_parameters(name, decoder, channels):
+    shape = (channels, 4, 4)
+    like = _make(name, channels)
+    torch.manual_seed(0)
+    dec = {"mlp": lambda: MLPDecoder(3, shape, (16,), likelihood=like),
+           "conv": lambda: ConvDecoder(3, shape, 4, likelihood=like),
+           "pixelcnn": lambda: PixelCNNDecoder(3, shape, 4, 2, likelihood=like)}[decoder]()
+    assert dec.likelihood is like
+    z = torch.randn(2, 3)
+    x = (torch.randint(0, 2, (2, *shape)) if like.levels == 2 else torch.randint(0, 256, (2, *shape))).float()
+    x = x / (like.levels - 1)
+    params = dec(z, x)
+    assert params.shape == (2, like.param_channels, 4, 4)
+    nll = like.nll(params, x)
+    assert nll.shape == (2,) and torch.isfinite(nll).all()
+    nll.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.parameters())
+    images = decode_sample(dec, z, _gen(1))
+    assert images.shape == (2, *shape) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal((images * (like.levels - 1)).round() / (like.levels - 1), images)
+    if not dec.autoregressive:
+        mean = decode_sample(dec, z, mean=True)
+        assert mean.shape == (2, *shape) and mean.min() >= 0 and mean.max() <= 1
+
+
+def test_decoder_likelihood_must_fit_the_image():
+    with pytest.raises(ValueError, match="likelihood is for 1-channel images"):
+        MLPDecoder(3, (3, 4, 4), likelihood=lk.Bernoulli(1))
+    with pytest.raises(TypeError, match="likelihood must be"):
+        MLPDecoder(3, (1, 4, 4), likelihood="logistic")
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        build_model(num_codes=10, likelihood="gaussian")
+
+
+@pytest.mark.parametrize("kind", ["acn", "vae"])
+def test_the_default_is_the_bernoulli_cross_entropy(kind):
+    """Unchanged default: a Bernoulli decoder whose recon is the cross-entropy of its logits,
+    with the same weights whether the likelihood is named or not."""
+    torch.manual_seed(0)
+    model = build_model(kind, num_codes=30)
+    torch.manual_seed(0)
+    named = build_model(kind, num_codes=30, likelihood="bernoulli")
+    assert isinstance(model.decoder.likelihood, lk.Bernoulli) and model.decoder.likelihood.param_channels == 1
+    for (key, a), b in zip(model.state_dict().items(), named.state_dict().values(), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    x = (torch.rand(6, 1, 28, 28, generator=_gen(2)) > 0.5).float()
+    idx = torch.arange(6)
+    terms = model(x, idx)
+    code = model.encode(x)
+    seed = model.bank.seed if kind == "acn" else model.seed
+    z = code + rng.normal(seed, rng.EPS, 0, idx, code.shape[1], code.dtype)
+    logits = model.decoder(z)
+    want = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    assert torch.equal(terms.recon, want)
+
+
+def _grey_data(n_train: int = 48, n_test: int = 16) -> acn_data.ImageData:
+    """Random 8 x 8 grey images, 8-bit, with labels."""
+    k = torch.randint(0, 256, (n_train + n_test, 1, 8, 8), generator=_gen(3), dtype=torch.uint8)
+    return acn_data.from_tensors(k[:n_train], torch.arange(n_train) % 4, k[n_train:], torch.arange(n_test) % 4,
+                                 levels=256)
+
+
+@pytest.mark.parametrize("name", ["logistic", "categorical"])
+def test_training_loop_reports_bits_per_dim(name):
+    data = _grey_data()
+    config = TrainConfig(likelihood=name, logistic_components=2, decoder="conv", batch_size=16, code_dim=4,
+                         minutes=None, epochs=2, checkpoint_every=0)
+    model = config.build(data.train_x.shape[0], data.image_shape)
+    history = train.train(model, data, config, progress=False)
+    dims = 8 * 8 * math.log(2.0)
+    for row in history:
+        assert row["train_bpd"] == pytest.approx(row["train_loss"] / dims, rel=1e-12)
+        assert row["test_bpd"] == pytest.approx(row["test_loss"] / dims, rel=1e-12)
+        assert 0 < row["test_bpd"] < 20
+
+
+def test_training_refuses_data_on_another_grid():
+    binary = acn_data.from_tensors((torch.rand(20, 1, 8, 8, generator=_gen(4)) > 0.5).float())
+    config = TrainConfig(likelihood="logistic", decoder="conv", batch_size=8, code_dim=4, minutes=None, steps=1)
+    model = config.build(binary.train_x.shape[0], binary.image_shape)
+    with pytest.raises(ValueError, match="the data have 2 pixel levels but the decoder's"):
+        train.train(model, binary, config, progress=False)
+    grey = _grey_data()
+    config = TrainConfig(decoder="conv", batch_size=8, code_dim=4, minutes=None, steps=1)
+    with pytest.raises(ValueError, match="the data have 256 pixel levels"):
+        train.train(config.build(48, grey.image_shape), grey, config, progress=False)
+
+
+def test_commands_grey_and_colour(tmp_path):
+    """acn-train --likelihood logistic on a .pt of uint8 digits-like images and on a folder of
+    RGB PNGs (C = 3), the report included; acn-eval prints bits/dim; --resume keeps the likelihood."""
+    from PIL import Image
+
+    grey = _grey_data()
+    torch.save({"train_x": (grey.train_x * 255).round().to(torch.uint8), "train_y": grey.train_y,
+                "test_x": (grey.test_x * 255).round().to(torch.uint8), "test_y": grey.test_y}, tmp_path / "grey.pt")
+    out = str(tmp_path / "grey")
+    args = ["--data", str(tmp_path / "grey.pt"), "--out", out, "--likelihood", "logistic", "--logistic-components",
+            "2", "--batch-size", "16", "--code-dim", "4", "--no-progress", "--minutes", "0"]
+    assert cli.train_main([*args, "--steps", "2"]) == 0
+    assert cli.train_main([*args, "--steps", "4", "--resume"]) == 0
+    ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
+    assert ckpt["config"]["likelihood"] == "logistic" and ckpt["config"]["logistic_components"] == 2
+    assert ckpt["position"]["step"] == 4
+    final = json.loads(open(os.path.join(out, "metrics.json")).read())["final"]["heldout"]
+    assert final["test_bpd"] == pytest.approx(final["test_loss"] / (64 * math.log(2.0)), rel=1e-12)
+
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    for i in range(24):
+        pixels = torch.randint(0, 256, (8, 8, 3), generator=_gen(i), dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(colour / f"{i:02d}.png")
+    cout = str(tmp_path / "colour-run")
+    assert cli.train_main(["--data", str(colour), "--out", cout, "--likelihood", "logistic", "--decoder", "conv",
+                           "--logistic-components", "2", "--batch-size", "8", "--code-dim", "4", "--epochs", "1",
+                           "--minutes", "0", "--no-progress"]) == 0
+    for name in ("reconstructions.png", "daydreams.png", "neighbours.png"):
+        assert os.path.getsize(os.path.join(cout, name)) > 0, name
+    assert load_checkpoint(os.path.join(cout, CHECKPOINT))["model"]["decoder.net.3.weight"].shape[1] == 2 * 10
+
+    ev = str(tmp_path / "eval")
+    assert cli.eval_main([out, cout, "--out", ev, "--no-grids", "--no-baselines"]) == 0
+    table = open(os.path.join(ev, "eval.md")).read()
+    assert "bits/dim" in table and "logistic" in table
+    res = json.loads(open(os.path.join(ev, "eval.json")).read())
+    assert all("test_bpd" in r["heldout"] for r in res.values())
