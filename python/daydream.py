@@ -11,7 +11,6 @@ import torch
 
 from acn_kernels.acn.checkpoint import load_checkpoint
 from acn_kernels.acn.config import TrainConfig
-from acn_kernels.acn.data import load
 from acn_kernels.acn.evaluate import save_grid
 
 
@@ -27,7 +26,7 @@ def main() -> None:
     config = TrainConfig(**ckpt["config"])
     if config.model != "acn":
         raise SystemExit("daydreams need an ACN checkpoint (the VAE has no conditional prior)")
-    data = load(config.data)
+    data = config.load_data()
     model = config.build(data.train_x.shape[0], data.image_shape)
     model.load_state_dict(ckpt["model"])
     start = data.test_x[: args.chains]

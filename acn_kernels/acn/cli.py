@@ -17,9 +17,9 @@ import torch
 
 from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint
 from .config import TrainConfig
-from .data import load
 from .distributed import process_group
 from .evaluate import baselines, write_report
+from .likelihood import LIKELIHOODS
 from .train import Runtime, train
 
 
@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="acn-train",
-        description="Train an Associative Compression Network (or the VAE baseline) on binarised images, "
-        "then write reconstructions, daydreams, neighbours and metrics. With no arguments: an ACN with "
+        description="Train an Associative Compression Network (or the VAE baseline) on binarised images "
+        "(or 8-bit grey-level or colour ones, see --likelihood), then write reconstructions, daydreams, "
+        "neighbours and metrics. With no arguments: an ACN with "
         "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes or 40 passes, whichever ends "
         "first, into runs/acn-default.",
     )
@@ -37,8 +38,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", choices=["mlp", "conv"], default=d.encoder)
     p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], default=d.decoder)
     p.add_argument("--data", default=d.data,
-                   help="'mnist5k' (embedded default), a folder of MNIST IDX files (.gz or raw), or a .pt "
-                   "file with a dict of tensors train_x [, train_y, test_x, test_y] (binarised, 0/1)")
+                   help="'mnist5k' (embedded default: 0-255 digits), a folder of MNIST IDX files (.gz or raw), "
+                   "a folder of images (PNG, JPEG, ...; grey or RGB; optional train/ and test/, and class "
+                   "subfolders), or a .pt file with a dict of tensors train_x [, train_y, test_x, test_y]. "
+                   "With the bernoulli likelihood 8-bit sources are binarised at 128 and tensors must hold "
+                   "0/1; with the others images are 8-bit (uint8 0-255 or floats k/255)")
+    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=d.likelihood,
+                   help="the decoder's pixel likelihood: bernoulli (binarised images, the default), logistic "
+                   "(8-bit: a mixture of discretised logistics, PixelCNN++'s) or categorical (8-bit: 256-way "
+                   "softmax; large output layers)")
+    p.add_argument("--logistic-components", type=int, default=d.logistic_components,
+                   help="mixture components per pixel of the logistic likelihood")
     p.add_argument("--code-dim", type=int, default=d.code_dim)
     p.add_argument("--k", type=int, default=d.k, help="neighbours to draw from (K)")
     p.add_argument("--components", type=int, default=d.components, help="prior mixture components (M)")
@@ -84,6 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
                              code_dim=args.code_dim, k=args.k, components=args.components,
+                             likelihood=args.likelihood, logistic_components=args.logistic_components,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     config.epochs = args.epochs if args.epochs is not None and args.epochs > 0 else None
     config.steps = args.steps
@@ -103,11 +114,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: argparse.Namespace,
            runtime: Runtime) -> None:
-    data = load(config.data)
+    data = config.load_data()
     model = runtime.prepare(config.build(data.train_x.shape[0], data.image_shape).to(config.device))
     ranks = f" on {runtime.world_size} processes" if runtime.world_size > 1 else ""
     if runtime.writes:
-        print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder) on "
+        print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder, "
+              f"{config.likelihood} likelihood) on "
               f"{config.data}: {data.train_x.shape[0]} training / {data.test_x.shape[0]} held-out images"
               f"{ranks} -> {out}")
     history = train(model, data, config, out, resume=resume, progress=not args.no_progress, runtime=runtime)
@@ -118,7 +130,7 @@ def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: a
     atomic_write(os.path.join(out, "metrics.json"), json.dumps({"history": history, "final": summary}, indent=1))
     h = summary["heldout"]
     print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
-          f"{h['test_recon']:.2f}; wrote {', '.join(sorted(os.listdir(out)))}")
+          f"{h['test_recon']:.2f} ({h['test_bpd']:.4f} bits/dim); wrote {', '.join(sorted(os.listdir(out)))}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,12 +138,13 @@ def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: a
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | held-out KL | held-out recon | held-out total | linear probe | k-NN (k=5) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | held-out KL | held-out recon | held-out total | bits/dim | linear probe | k-NN (k=5) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         h = r.get("heldout")
         rep = r.get("representation", {})
-        nats = (f"{h['test_kl']:.2f} | {h['test_recon']:.2f} | {h['test_loss']:.2f}" if h else "- | - | -")
+        nats = (f"{h['test_kl']:.2f} | {h['test_recon']:.2f} | {h['test_loss']:.2f} | {h['test_bpd']:.4f}"
+                if h else "- | - | - | -")
         acc = " | ".join(f"{100 * rep[key]:.1f}%" if key in rep else "-" for key in ("linear_probe", "knn"))
         lines.append(f"| {name} | {nats} | {acc} |")
     return "\n".join(lines)
@@ -159,7 +172,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
         ckpt = load_checkpoint(path)
         config = TrainConfig(**ckpt["config"])
-        data = load(config.data)
+        data = config.load_data()
         model = config.build(data.train_x.shape[0], data.image_shape)
         model.load_state_dict(ckpt["model"])
         model.to(args.device)
@@ -168,7 +181,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                            grids=not args.no_grids, daydream_steps=args.daydream_steps)
         res["config"] = ckpt["config"]
         res["steps"] = ckpt["position"]["step"]
-        results[f"{name} ({config.model}, {config.decoder}, {res['steps']} steps)"] = res
+        results[f"{name} ({config.model}, {config.decoder}, {config.likelihood}, {res['steps']} steps)"] = res
     if not args.no_baselines and data is not None and data.train_y is not None and data.test_y is not None:
         for name, rep in baselines(data).items():
             results[name] = {"representation": rep}

@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+from .data import ImageData, load
+from .likelihood import LIKELIHOODS
 from .models import ACN, VAE, build_model
 
 
@@ -13,7 +15,9 @@ from .models import ACN, VAE, build_model
 class TrainConfig:
     """Everything that defines a run. Model: ``model`` ("acn" | "vae"), ``encoder`` ("mlp" |
     "conv"), ``decoder`` ("mlp" | "conv" | "pixelcnn"), ``code_dim`` (16), ``k`` (5),
-    ``components`` (3). Optimisation: ``batch_size`` (128), ``lr`` (Adam, 1e-3), ``seed`` (0).
+    ``components`` (3), ``likelihood`` ("bernoulli", binarised images | "logistic" | "categorical",
+    8-bit images) and ``logistic_components`` (5). Optimisation: ``batch_size`` (128), ``lr``
+    (Adam, 1e-3), ``seed`` (0).
     Budget, whichever ends first: ``epochs`` and ``steps`` (totals over the run, resumes
     included), ``minutes`` (wall clock of this invocation). ``checkpoint_every``: steps between
     mid-pass checkpoints (0 = only at pass ends and at the end)."""
@@ -25,6 +29,8 @@ class TrainConfig:
     code_dim: int = 16
     k: int = 5
     components: int = 3
+    likelihood: str = "bernoulli"
+    logistic_components: int = 5
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
@@ -39,7 +45,14 @@ class TrainConfig:
         torch.manual_seed(self.seed)
         return build_model(self.model, num_codes=num_train, image_shape=image_shape, encoder=self.encoder,
                            decoder=self.decoder, code_dim=self.code_dim, k=self.k,
-                           components=self.components, seed=self.seed)
+                           components=self.components, seed=self.seed, likelihood=self.likelihood,
+                           logistic_components=self.logistic_components)
+
+    def load_data(self) -> ImageData:
+        """``data`` on the grid the likelihood models (binarised for "bernoulli", 8-bit otherwise)."""
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
+        return load(self.data, levels=LIKELIHOODS[self.likelihood].levels)
 
 
 __all__ = ["TrainConfig"]

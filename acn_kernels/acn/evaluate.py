@@ -1,7 +1,8 @@
 """Sampling and evaluation: image grids, held-out compression, representation quality (the
 work of ``acn-eval``, :func:`acn_kernels.acn.cli.eval_main`).
 
-- :func:`heldout_terms`: KL (coding cost) and reconstruction nats per held-out image. For an ACN
+- :func:`heldout_terms`: KL (coding cost) and reconstruction nats per held-out image, and the
+  total in bits per dimension. For an ACN
   a held-out code's prior is conditioned on a neighbour drawn from the *training* bank: the K
   nearest bank rows with **no used mask** (held-out examples are not part of the pass), one
   picked by a counter-based uniform; eps is counter-based too, so the numbers are reproducible.
@@ -21,6 +22,7 @@ import torch
 from ..ops import masked_topk
 from . import rng
 from .data import ImageData
+from .likelihood import bits_per_dim
 from .models import ACN, VAE
 from .networks import decode_sample
 
@@ -35,9 +37,10 @@ def encode_all(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.device 
 @torch.no_grad()
 def heldout_terms(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.device = "cpu",
                   batch: int = 500) -> dict[str, float]:
-    """Mean held-out loss, KL and reconstruction nats per image: {"test_loss", "test_kl",
-    "test_recon"}. Draws are counter-based (pass 0 of the evaluation streams, example index =
-    position in x), so repeated calls agree."""
+    """Mean held-out loss, KL and reconstruction nats per image and the loss in bits per
+    dimension (channel and pixel, :func:`~acn_kernels.acn.likelihood.bits_per_dim`): {"test_loss",
+    "test_kl", "test_recon", "test_bpd"}. Draws are counter-based (pass 0 of the evaluation
+    streams, example index = position in x), so repeated calls agree."""
     sums = torch.zeros(3, dtype=torch.float64)
     for s in range(0, x.shape[0], batch):
         xb = x[s : s + batch].to(device)
@@ -56,7 +59,7 @@ def heldout_terms(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.devi
             terms = model.terms(xb, code, eps)
         sums += torch.stack([terms.loss.sum(), terms.kl.sum(), terms.recon.sum()]).double().cpu()
     loss, kl, recon = (sums / x.shape[0]).tolist()
-    return {"test_loss": loss, "test_kl": kl, "test_recon": recon}
+    return {"test_loss": loss, "test_kl": kl, "test_recon": recon, "test_bpd": bits_per_dim(loss, x.shape[1:])}
 
 
 def representation(train_feats: np.ndarray, train_y: np.ndarray, test_feats: np.ndarray,
@@ -113,7 +116,8 @@ def reconstructions(
     model: ACN | VAE, x: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """[2, B, C, H, W]: the images and their reconstructions from the posterior mean z = code
-    (pixel probabilities; binary samples for an autoregressive decoder)."""
+    (the decoder's expected image, for Bernoulli the pixel probabilities; samples for an
+    autoregressive decoder)."""
     return torch.stack([x, decode_sample(model.decoder, model.encode(x), generator, mean=True)])
 
 

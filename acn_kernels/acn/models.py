@@ -17,7 +17,8 @@ from torch import nn
 
 from . import rng
 from .bank import CodeBank
-from .networks import DECODERS, ENCODERS, MNIST_SHAPE, ImageShape, bernoulli_nll
+from .likelihood import LIKELIHOODS, make_likelihood
+from .networks import DECODERS, ENCODERS, MNIST_SHAPE, ImageShape
 from .prior import MixturePrior
 
 
@@ -70,7 +71,7 @@ class ACN(nn.Module):
         held-out evaluation)."""
         z = code + eps
         kl = self.prior.kl(z, code, c_hat)
-        recon = bernoulli_nll(self.decoder(z, x), x)
+        recon = self.decoder.likelihood.nll(self.decoder(z, x), x)
         return LossTerms(kl + recon, kl, recon, code, rows)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
@@ -83,17 +84,20 @@ class ACN(nn.Module):
     def daydream(self, x: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Daydream chains [steps + 1, B, C, H, W]: x -> code -> z ~ p(z | code) -> x' ~ r(x | z) -> ...
 
-        Entry 0 is x. Each later entry is the decoder's pixel probabilities (binary samples for an
-        autoregressive decoder); the chain continues from a binary sample of them.
+        Entry 0 is x. Each later entry is the decoder's expected image (for Bernoulli the pixel
+        probabilities; samples for an autoregressive decoder); the chain continues from a sample
+        of the decoder's likelihood.
         """
         out, cur = [x], x
+        likelihood = self.decoder.likelihood
         for _ in range(steps):
             z = self.prior.sample(self.encoder(cur), generator)
             if self.decoder.autoregressive:
                 cur = shown = self.decoder.sample(z, generator)
             else:
-                shown = torch.sigmoid(self.decoder(z))
-                cur = torch.bernoulli(shown, generator=generator)
+                params = self.decoder(z)
+                shown = likelihood.mean(params)
+                cur = likelihood.sample(params, generator)
             out.append(shown)
         return torch.stack(out)
 
@@ -125,7 +129,7 @@ class VAE(nn.Module):
 
     def terms(self, x: torch.Tensor, code: torch.Tensor, eps: torch.Tensor) -> LossTerms:
         kl = 0.5 * code.float().square().sum(1)
-        recon = bernoulli_nll(self.decoder(code + eps, x), x)
+        recon = self.decoder.likelihood.nll(self.decoder(code + eps, x), x)
         return LossTerms(kl + recon, kl, recon, code, None)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> LossTerms:
@@ -145,19 +149,27 @@ def build_model(
     k: int = 5,
     components: int = 3,
     seed: int = 0,
+    likelihood: str = "bernoulli",
+    logistic_components: int = 5,
 ) -> ACN | VAE:
     """An :class:`ACN` (or ``kind="vae"``: a :class:`VAE`) from part names.
 
-    encoder: "mlp" | "conv"; decoder: "mlp" | "conv" | "pixelcnn". num_codes is the number of
-    training examples (the bank's rows). Weights are initialised from torch's global RNG, so seed
-    it first (the training command does).
+    encoder: "mlp" | "conv"; decoder: "mlp" | "conv" | "pixelcnn"; likelihood: the decoder's
+    "bernoulli" (binarised images) | "logistic" (8-bit, a mixture of ``logistic_components``
+    discretised logistics) | "categorical" (8-bit, 256-way), see
+    :mod:`acn_kernels.acn.likelihood`. num_codes is the number of training examples (the bank's
+    rows). Weights are initialised from torch's global RNG, so seed it first (the training
+    command does).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, got {likelihood!r}")
+    options = {"components": logistic_components} if likelihood == "logistic" else {}
     enc = ENCODERS[encoder](code_dim, image_shape)
-    dec = DECODERS[decoder](code_dim, image_shape)
+    dec = DECODERS[decoder](code_dim, image_shape, likelihood=make_likelihood(likelihood, image_shape[0], **options))
     if kind == "acn":
         return ACN(enc, dec, MixturePrior(code_dim, components), CodeBank(num_codes, code_dim, k, seed))
     if kind == "vae":

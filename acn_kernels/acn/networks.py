@@ -1,11 +1,15 @@
-"""Encoders and decoders of the ACN and the VAE, and the Bernoulli likelihood of binarised images.
+"""Encoders and decoders of the ACN and the VAE.
 
 - encoders x [B, C, H, W] -> code [B, D] (the mean of the unit-variance posterior N(code, I)):
   :class:`MLPEncoder` (default), :class:`ConvEncoder`;
-- decoders r(x | z) over binarised images, ``forward(z, x) -> logits [B, C, H, W]`` (Bernoulli):
-  :class:`MLPDecoder` (default), :class:`ConvDecoder`, and the opt-in autoregressive
-  :class:`PixelCNNDecoder` (a small gated PixelCNN conditioned on z);
-- :func:`bernoulli_nll` (-log r(x | z) in nats) and :func:`decode_sample` (images from z).
+- decoders r(x | z): :class:`MLPDecoder` (default), :class:`ConvDecoder`, and the opt-in
+  autoregressive :class:`PixelCNNDecoder` (a small gated PixelCNN conditioned on z). A decoder
+  holds its pixel likelihood (``likelihood``, :mod:`acn_kernels.acn.likelihood`; default
+  :class:`~acn_kernels.acn.likelihood.Bernoulli`, binarised images) and ``forward(z, x)`` returns
+  that likelihood's parameters [B, likelihood.param_channels, H, W] (Bernoulli: logits
+  [B, C, H, W]); ``autoregressive`` says whether it reads x;
+- :func:`bernoulli_nll` (-log r(x | z) of the Bernoulli default, in nats) and
+  :func:`decode_sample` (images from z).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .likelihood import Bernoulli, Likelihood
 
 ImageShape = tuple[int, int, int]
 MNIST_SHAPE: ImageShape = (1, 28, 28)
@@ -69,44 +75,62 @@ class ConvEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Decoders: forward(z, x) -> Bernoulli logits of x; ``autoregressive`` says whether x is read.
+# Decoders: forward(z, x) -> parameters of ``likelihood``; ``autoregressive`` says whether x is read.
+
+
+def _likelihood(likelihood: Likelihood | None, image_shape: ImageShape) -> Likelihood:
+    """The decoder's likelihood: ``likelihood``, or Bernoulli over the image's channels."""
+    if likelihood is None:
+        return Bernoulli(image_shape[0])
+    if not isinstance(likelihood, Likelihood):
+        raise TypeError(f"likelihood must be an acn_kernels.acn.likelihood.Likelihood, got {type(likelihood).__name__}")
+    if likelihood.channels != image_shape[0]:
+        raise ValueError(f"likelihood is for {likelihood.channels}-channel images but image_shape is "
+                         f"{tuple(image_shape)}")
+    return likelihood
 
 
 class MLPDecoder(nn.Module):
-    """z [B, D] -> logits [B, C, H, W]: ``hidden`` ReLU layers, linear. Ignores x."""
+    """z [B, D] -> params [B, P, H, W] of ``likelihood`` (P = likelihood.param_channels; default
+    Bernoulli logits, P = C): ``hidden`` ReLU layers, linear. Ignores x."""
 
     autoregressive = False
 
     def __init__(self, code_dim: int = 16, image_shape: ImageShape = MNIST_SHAPE,
-                 hidden: tuple[int, ...] = (512, 512)) -> None:
+                 hidden: tuple[int, ...] = (512, 512), *, likelihood: Likelihood | None = None) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.likelihood = _likelihood(likelihood, self.image_shape)
+        self.out_shape = (self.likelihood.param_channels, *self.image_shape[1:])
         sizes = [code_dim, *hidden]
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], math.prod(image_shape)))
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], math.prod(self.out_shape)))
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(z).view(-1, *self.image_shape)
+        return self.net(z).view(-1, *self.out_shape)
 
 
 class ConvDecoder(nn.Module):
-    """z [B, D] -> logits [B, C, H, W] (H, W divisible by 4): linear, two transposed convs. Ignores x."""
+    """z [B, D] -> params [B, P, H, W] of ``likelihood`` (H, W divisible by 4): linear, two
+    transposed convs. Ignores x."""
 
     autoregressive = False
 
-    def __init__(self, code_dim: int = 16, image_shape: ImageShape = MNIST_SHAPE, channels: int = 32) -> None:
+    def __init__(self, code_dim: int = 16, image_shape: ImageShape = MNIST_SHAPE, channels: int = 32, *,
+                 likelihood: Likelihood | None = None) -> None:
         super().__init__()
-        c, h, w = image_shape
+        _, h, w = image_shape
         if h % 4 or w % 4:
             raise ValueError(f"ConvDecoder needs H and W divisible by 4, got {h}x{w}")
         self.image_shape = tuple(image_shape)
+        self.likelihood = _likelihood(likelihood, self.image_shape)
         self.fc = nn.Linear(code_dim, 2 * channels * (h // 4) * (w // 4))
         self.start = (2 * channels, h // 4, w // 4)
         self.net = nn.Sequential(
             nn.ReLU(), nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1),
-            nn.ReLU(), nn.ConvTranspose2d(channels, c, 4, 2, 1),
+            nn.ReLU(), nn.ConvTranspose2d(channels, self.likelihood.param_channels, 4, 2, 1),
         )
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,26 +180,29 @@ class _GatedLayer(nn.Module):
 
 
 class PixelCNNDecoder(nn.Module):
-    """A small gated PixelCNN r(x | z) over binary images: autoregressive in raster order.
+    """A small gated PixelCNN r(x | z): autoregressive in raster order.
 
-    ``forward(z, x)`` gives all logits at once by teacher forcing (x [B, C, H, W] in {0, 1});
-    :meth:`sample` draws pixel by pixel (H * W network evaluations). Each layer is conditioned on
-    z through a per-layer linear map added inside its gates. Channels of a pixel are modelled
-    independently given the pixels before it (fine for C = 1, binarised MNIST).
+    ``forward(z, x)`` gives the likelihood's parameters of every pixel at once by teacher forcing
+    (x [B, C, H, W] on the likelihood's grid); :meth:`sample` draws pixel by pixel (H * W network
+    evaluations). Each layer is conditioned on z through a per-layer linear map added inside its
+    gates. The channels of a pixel depend on the pixels before it only, and on each other only
+    as far as the likelihood couples them (the logistic mixture does; Bernoulli and the
+    categorical treat them as independent: fine for C = 1).
     """
 
     autoregressive = True
 
     def __init__(self, code_dim: int = 16, image_shape: ImageShape = MNIST_SHAPE, channels: int = 32,
-                 layers: int = 5) -> None:
+                 layers: int = 5, *, likelihood: Likelihood | None = None) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.likelihood = _likelihood(likelihood, self.image_shape)
         self.embed = nn.Conv2d(image_shape[0], channels, 1)
         self.layers = nn.ModuleList(
             _GatedLayer(channels, 7 if i == 0 else 3, code_dim, first=i == 0) for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv2d(channels, image_shape[0], 1))
+                                  nn.Conv2d(channels, self.likelihood.param_channels, 1))
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         if x is None:
@@ -188,12 +215,12 @@ class PixelCNNDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Binary images [B, C, H, W] ~ r(x | z), one pixel at a time."""
+        """Images [B, C, H, W] ~ r(x | z), one pixel at a time."""
         x = z.new_zeros((z.shape[0], *self.image_shape))
         for i in range(self.image_shape[1]):
             for j in range(self.image_shape[2]):
-                p = torch.sigmoid(self(z, x)[:, :, i, j])
-                x[:, :, i, j] = torch.bernoulli(p, generator=generator)
+                params = self(z, x)[:, :, i : i + 1, j : j + 1]
+                x[:, :, i, j] = self.likelihood.sample(params, generator)[:, :, 0, 0].to(x.dtype)
         return x
 
 
@@ -202,18 +229,20 @@ ENCODERS = {"mlp": MLPEncoder, "conv": ConvEncoder}
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log r(x | z) [B] in nats: Bernoulli cross-entropy summed over pixels (float32)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").flatten(1).sum(1)
+    """-log r(x | z) [B] in nats: Bernoulli cross-entropy summed over pixels (float32 for float32
+    and half logits), :meth:`Bernoulli.nll <acn_kernels.acn.likelihood.Bernoulli.nll>`."""
+    return Bernoulli(logits.shape[1]).nll(logits, x)
 
 
 def decode_sample(decoder: nn.Module, z: torch.Tensor, generator: torch.Generator | None = None,
                   mean: bool = False) -> torch.Tensor:
-    """Images [B, C, H, W] from z: pixel probabilities if ``mean`` (non-autoregressive decoders
-    only), else binary samples (pixel by pixel for an autoregressive decoder)."""
+    """Images [B, C, H, W] from z: the expected image if ``mean`` (non-autoregressive decoders
+    only; for Bernoulli the pixel probabilities), else samples of the decoder's likelihood
+    (pixel by pixel for an autoregressive decoder)."""
     if decoder.autoregressive:
         return decoder.sample(z, generator)
-    p = torch.sigmoid(decoder(z))
-    return p if mean else torch.bernoulli(p, generator=generator)
+    params = decoder(z)
+    return decoder.likelihood.mean(params) if mean else decoder.likelihood.sample(params, generator)
 
 
 __all__ = ["DECODERS", "ENCODERS", "MNIST_SHAPE", "ConvDecoder", "ConvEncoder", "ImageShape", "MLPDecoder",

@@ -34,6 +34,7 @@ from .checkpoint import CHECKPOINT, atomic_write, build_checkpoint, save_checkpo
 from .config import TrainConfig
 from .data import ImageData
 from .evaluate import heldout_terms
+from .likelihood import bits_per_dim
 from .models import ACN, VAE
 
 PLOT_SECONDS = 30.0
@@ -161,7 +162,9 @@ def train(
         model: an :class:`~acn_kernels.ACN` (its bank sized to the training set) or a
             :class:`~acn_kernels.VAE`, on ``config.device`` (in a distributed run, on every rank,
             after ``runtime.prepare``).
-        data: binarised images; ``data.test_x`` gives held-out metrics after each pass.
+        data: images on the grid the decoder's likelihood models (``data.levels`` must equal
+            ``model.decoder.likelihood.levels``: 2 for Bernoulli, 256 for the 8-bit likelihoods);
+            ``data.test_x`` gives held-out metrics after each pass.
         config: batch size (the global batch), learning rate, seed, budget, checkpoint interval.
         out_dir: where checkpoint.pt, metrics.json (after every pass) and metrics.png (see
             :data:`PLOT_SECONDS`) go (None: nowhere).
@@ -178,10 +181,16 @@ def train(
     mean loss. The time budget is checked after each forward pass.
 
     Returns:
-        The per-pass metrics (loss, kl, recon per image, train and held out, in nats; the held-out
-        ones on the writing process only).
+        The per-pass metrics (loss, kl, recon per image, train and held out, in nats, and the loss
+        in bits per dimension, ``*_bpd``; the held-out ones on the writing process only).
     """
     from tqdm.auto import tqdm
+
+    likelihood = model.decoder.likelihood
+    if data.levels != likelihood.levels:
+        raise ValueError(f"the data have {data.levels} pixel levels but the decoder's {likelihood!r} models "
+                         f"{likelihood.levels}; load the data with levels={likelihood.levels} "
+                         "(TrainConfig.load_data does)")
 
     runtime = Runtime() if runtime is None else runtime
     device = torch.device(config.device)
@@ -252,7 +261,7 @@ def train(
             sums = runtime.total(pos.sums)
             loss, kl, recon = (sums[1:] / sums[0]).tolist()
             row = {"epoch": len(history) + 1, "step": pos.step, "train_loss": loss, "train_kl": kl,
-                   "train_recon": recon}
+                   "train_recon": recon, "train_bpd": bits_per_dim(loss, data.image_shape)}
             model.new_pass()
             whole = runtime.whole(model)
             if whole is not None:
