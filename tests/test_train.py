@@ -96,7 +96,7 @@ def test_read_idx_types_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not an IDX file"):
         acn_data.read_idx(tmp_path / "c")
     (tmp_path / "d").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
-    with pytest.raises(ValueError, match="expected 10 data bytes"):
+    with pytest.raises(ValueError, match="truncated IDX file \(expected 10 more bytes, found 3\)"):
         acn_data.read_idx(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="train-images"):
         acn_data.load_mnist_idx(tmp_path)
