@@ -205,7 +205,12 @@ def load(spec: str) -> ImageData:
     if os.path.isdir(spec):
         return load_mnist_idx(spec)
     if os.path.isfile(spec):
-        blob = torch.load(spec, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file makes torch.load's unpickler raise almost anything
+            first = (str(e).splitlines() or [""])[0]
+            why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            raise ValueError(f"{spec}: not a readable .pt file ({why})") from e
         if not isinstance(blob, dict) or "train_x" not in blob:
             raise ValueError(f"{spec}: expected a dict with a 'train_x' tensor")
         unknown = set(blob) - {"train_x", "train_y", "test_x", "test_y"}

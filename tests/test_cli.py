@@ -1,0 +1,150 @@
+"""The command lines (acn-train, acn-eval): every option value checked with a one-line error
+naming the flag (exit status 2), in one process and under torchrun; tracebacks only for bugs.
+
+In-process calls of ``cli.train_main`` / ``cli.eval_main`` on tiny data (a .pt file), a few
+steps each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from acn_kernels.acn import cli
+from acn_kernels.acn.checkpoint import CHECKPOINT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def digits(tmp_path) -> str:
+    """A .pt file of 40 training and 10 held-out random 8x8 binary images with two classes."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(50, 8, 8, generator=gen) < 0.3).float()
+    y = torch.arange(50) % 2
+    path = str(tmp_path / "digits.pt")
+    torch.save({"train_x": x[:40], "train_y": y[:40], "test_x": x[40:], "test_y": y[40:]}, path)
+    return path
+
+
+def small(digits: str, out: str, *extra: str) -> list[str]:
+    return ["--data", digits, "--out", out, "--batch-size", "16", "--code-dim", "4", "--no-progress",
+            *extra]
+
+
+def usage_error(capsys, main, argv: list[str]) -> str:
+    """The one line ``main(argv)`` prints before exiting with status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: option values
+
+
+BAD_VALUES = [
+    (["--batch-size", "-5", "--epochs", "1"], "argument --batch-size: must be an integer >= 1, got -5"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--batch-size", "1.5"], "argument --batch-size: expected an integer, got '1.5'"),
+    (["--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1"),
+    (["--k", "0"], r"argument --k: must be an integer in \[1, 1024\], got 0"),
+    (["--k", "1025"], r"argument --k: must be an integer in \[1, 1024\]"),
+    (["--code-dim", "0"], "argument --code-dim: must be an integer >= 1"),
+    (["--components", "0"], "argument --components: must be an integer >= 1"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--minutes", "-1"], "argument --minutes: must be a finite number >= 0"),
+    (["--minutes", "inf"], "argument --minutes: must be a finite number >= 0"),
+    (["--epochs", "-2"], "argument --epochs: must be an integer >= 0"),
+    (["--steps", "-2"], "argument --steps: must be an integer >= 0"),
+    (["--seed", "-1"], "argument --seed: must be an integer in"),
+    (["--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "meta"], "argument --device: expected cpu, cuda or cuda:N"),
+    (["--epochs", "0", "--minutes", "0"], "give a budget: --minutes, --epochs or --steps"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_option_values_are_one_line_errors(capsys, tmp_path, digits, argv, message):
+    import re
+
+    err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "run")), *argv])
+    assert err.startswith("acn-train: error: ") and re.search(message, err), err
+    assert not os.path.exists(tmp_path / "run")  # refused before anything is written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu(capsys, tmp_path, digits):
+    err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "run")), "--device", "cuda"])
+    assert "argument --device: cuda: no CUDA GPU is available" in err
+
+
+def test_data_errors_name_the_flag(capsys, tmp_path, digits):
+    run = str(tmp_path / "run")
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "missing.pt"), run), "--steps", "2"])
+    assert "argument --data:" in err and "missing.pt: no such file or folder" in err
+    (tmp_path / "empty.pt").write_bytes(b"")
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "empty.pt"), run), "--steps", "2"])
+    assert "argument --data:" in err and "empty.pt: not a readable .pt file (EOFError)" in err
+    (tmp_path / "junk.pt").write_bytes(b"junk" * 20)
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "junk.pt"), run), "--steps", "2"])
+    assert "junk.pt: not a readable .pt file" in err
+    torch.save({"images": torch.zeros(3)}, tmp_path / "keys.pt")
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "keys.pt"), run), "--steps", "2"])
+    assert "expected a dict with a 'train_x' tensor" in err
+
+
+def test_model_that_does_not_fit_the_data(capsys, tmp_path, digits):
+    torch.save({"train_x": torch.zeros(20, 6, 6)}, tmp_path / "six.pt")
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "six.pt"), str(tmp_path / "run")),
+                                               "--encoder", "conv", "--steps", "2"])
+    assert "the model options do not fit the data" in err and "divisible by 4, got 6x6" in err
+
+
+def test_errors_come_before_the_process_group(capsys, tmp_path, digits, monkeypatch):
+    """Under torchrun (WORLD_SIZE set) every rank checks the command line before it joins the
+    group, so a bad value ends each rank at once, with the same line, instead of in a collective."""
+    import acn_kernels.acn.cli as module
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(module, "process_group", lambda *a: pytest.fail("joined the process group"))
+    err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "run")), "--batch-size", "0"])
+    assert "argument --batch-size" in err
+    err = usage_error(capsys, cli.train_main, [*small(str(tmp_path / "nope.pt"), str(tmp_path / "run")),
+                                               "--steps", "2"])
+    assert "argument --data" in err
+
+
+def test_eval_option_errors(capsys, tmp_path, digits):
+    run = str(tmp_path / "run")
+    assert cli.train_main([*small(digits, run), "--steps", "2", "--no-report"]) == 0
+    err = usage_error(capsys, cli.eval_main, [run, "--threads", "0"])
+    assert err.startswith("acn-eval: error: argument --threads")
+    err = usage_error(capsys, cli.eval_main, [run, "--daydream-steps", "-1"])
+    assert "argument --daydream-steps" in err
+    err = usage_error(capsys, cli.eval_main, [str(tmp_path / "nothing"), "--out", str(tmp_path / "ev")])
+    assert "nothing/checkpoint.pt" in err or "nothing: no such checkpoint" in err
+    assert os.path.isfile(os.path.join(run, CHECKPOINT))
+
+
+def test_steps_zero_means_no_limit(tmp_path, digits):
+    from acn_kernels.acn.checkpoint import load_checkpoint
+
+    run = str(tmp_path / "run")
+    assert cli.train_main([*small(digits, run), "--steps", "0", "--epochs", "1", "--minutes", "0",
+                           "--no-report"]) == 0
+    ckpt = load_checkpoint(os.path.join(run, CHECKPOINT))
+    assert ckpt["position"]["step"] == 3 and ckpt["config"]["steps"] is None  # one pass of ceil(40 / 16)
