@@ -148,3 +148,16 @@ def test_steps_zero_means_no_limit(tmp_path, digits):
                            "--no-report"]) == 0
     ckpt = load_checkpoint(os.path.join(run, CHECKPOINT))
     assert ckpt["position"]["step"] == 3 and ckpt["config"]["steps"] is None  # one pass of ceil(40 / 16)
+
+
+def test_resume_on_a_data_file_that_grew(capsys, tmp_path, digits):
+    """A VAE has no bank to notice: the position check does, in one line, and nothing spins."""
+    run = str(tmp_path / "run")
+    assert cli.train_main([*small(digits, run), "--model", "vae", "--steps", "2", "--no-report"]) == 0
+    blob = torch.load(digits)
+    blob["train_x"] = torch.cat([blob["train_x"], blob["train_x"][:5]])
+    blob["train_y"] = torch.cat([blob["train_y"], blob["train_y"][:5]])
+    torch.save(blob, digits)
+    err = usage_error(capsys, cli.train_main, ["--resume", os.path.join(run, CHECKPOINT), "--epochs", "1",
+                                               "--no-progress"])
+    assert "argument --resume:" in err and "covers 40 examples but the training data has 45" in err

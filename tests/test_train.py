@@ -288,3 +288,105 @@ def test_epochs_zero_means_no_limit(tiny, tmp_path):
                            "--no-progress", "--no-report"]) == 0
     ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
     assert ckpt["position"]["step"] == 5 and len(ckpt["history"]) == 2 and ckpt["config"]["epochs"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: a resumed position is checked against the data; the loop cannot spin on empty batches
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) if the test body runs past 60 s."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError("the training loop did not end")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def resume_on(data, ckpt, *, epochs=2, model="acn"):
+    config = TrainConfig(**{**ckpt["config"], "epochs": epochs, "steps": None, "minutes": None})
+    net = config.build(data.train_x.shape[0], data.image_shape)
+    return train.train(net, data, config, None, resume=ckpt, progress=False)
+
+
+@pytest.mark.parametrize("model", ["acn", "vae"])
+def test_resume_on_data_that_grew_is_refused(tiny, tmp_path, no_hang, model):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2, model=model)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    grown = acn_data.ImageData(torch.cat([tiny.train_x, tiny.train_x[:20]]), None, tiny.test_x, None)
+    with pytest.raises(CheckpointError, match="covers 200 examples but the training data has 220"):
+        resume_on(grown, ckpt)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    ({"offset": 500}, r"offset must be an integer in \[0, 200\), got 500"),
+    ({"offset": 200}, r"offset must be an integer in \[0, 200\)"),
+    ({"offset": -64}, r"offset must be an integer in \[0, 200\)"),
+    ({"order": torch.arange(200)}, "order is not pass 0's order of 200 examples with seed 0"),
+    ({"order": torch.zeros(200, dtype=torch.int64)}, "order is not pass 0's order"),
+    ({"order": torch.arange(200).float()}, "order must be a 1-D int64 tensor"),
+    ({"pass_index": -1}, "pass_index must be an integer >= 0"),
+    ({"step": -3}, "step must be an integer >= 0"),
+    ({"sums": torch.zeros(3)}, r"sums must be a float64 tensor of shape \[4\]"),
+], ids=["offset-beyond", "offset-n", "offset-negative", "order-not-permuted", "order-not-permutation",
+        "order-float", "pass-negative", "step", "sums"])
+def test_inconsistent_position_is_refused(tiny, tmp_path, no_hang, edit, match):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2, model="vae")
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"].update(edit)
+    with pytest.raises(CheckpointError, match=match):
+        resume_on(tiny, ckpt)
+
+
+def test_position_and_model_at_different_passes_are_refused(tiny, tmp_path):
+    from acn_kernels.acn import rng
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"].update(pass_index=3, order=rng.permutation(0, 3, 200))  # a valid order of pass 3
+    with pytest.raises(CheckpointError, match="position is at pass 3 but its model state at pass 0"):
+        resume_on(tiny, ckpt)
+
+
+def test_state_that_does_not_fit_is_a_checkpoint_error(tiny, tmp_path):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["config"]["code_dim"] = 8
+    with pytest.raises(CheckpointError, match="state does not fit the model"):
+        resume_on(tiny, ckpt)
+
+
+def test_the_loop_cannot_spin_on_empty_batches(tiny, tmp_path, no_hang, monkeypatch):
+    """Even with the position check bypassed, an empty batch ends the run with an error."""
+    run(tiny, str(tmp_path), steps=2, model="vae")
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"]["offset"] = 500
+    monkeypatch.setattr(train, "check_position", lambda *args: None)
+    with pytest.raises(RuntimeError, match="no examples left at offset 500 of pass 0"):
+        resume_on(tiny, ckpt)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("batch_size", 0), ("batch_size", -5), ("batch_size", 2.0), ("k", 0), ("code_dim", True),
+    ("checkpoint_every", -1), ("epochs", -1), ("steps", 1.5), ("lr", float("nan")), ("lr", 0.0),
+    ("minutes", -1.0), ("seed", -1),
+])
+def test_config_out_of_range_is_refused(tiny, no_hang, field, value):
+    config = TrainConfig(batch_size=64, minutes=None, epochs=1)
+    model = config.build(200, tiny.image_shape)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        train.train(model, tiny, config, None, progress=False)

@@ -34,6 +34,11 @@ FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, of another format, or inconsistent with
+    itself or with the data it is resumed on. The message names the file (or what was checked)."""
+
+
 def atomic_write(path: str, content: str | bytes | Callable[[IO[bytes]], None]) -> None:
     """Write ``content`` (text as UTF-8, bytes, or a function that writes into the open binary
     file) to ``path`` so that ``path`` always holds either its previous complete content or the
@@ -101,4 +106,5 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return ckpt
 
 
-__all__ = ["CHECKPOINT", "FORMAT_VERSION", "atomic_write", "build_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "FORMAT_VERSION", "CheckpointError", "atomic_write", "build_checkpoint", "load_checkpoint",
+           "save_checkpoint"]

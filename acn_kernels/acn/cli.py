@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 from ..ops import MAX_K
-from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint
 from .config import TrainConfig
 from .data import ImageData, load
 from .distributed import process_group
@@ -168,9 +168,15 @@ def train_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", f"{args.model}-default")
-    resume = None
+    resume = resume_path = None
     if args.resume is not None:
-        resume = load_checkpoint(os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume)
+        resume_path = os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume
+        if not os.path.isfile(resume_path):
+            p.error(f"argument --resume: {resume_path}: no such checkpoint")
+        try:
+            resume = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            p.error(f"argument --resume: {e}")
         config = TrainConfig(**resume["config"])
     else:
         config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
@@ -184,12 +190,15 @@ def train_main(argv: list[str] | None = None) -> int:
     # Everything the command line decides is checked before any process group exists.
     data = load_data(p, config.data)
     model = build(p, config, data)
-    if "WORLD_SIZE" not in os.environ:
-        _train(model, data, config, out, resume, args, Runtime())
-        return 0
-    with process_group(args.device) as (runtime, device):
-        config.device = device
-        _train(model, data, config, out, resume, args, runtime)
+    try:
+        if "WORLD_SIZE" not in os.environ:
+            _train(model, data, config, out, resume, args, Runtime())
+            return 0
+        with process_group(args.device) as (runtime, device):
+            config.device = device
+            _train(model, data, config, out, resume, args, runtime)
+    except CheckpointError as e:  # the position or state of --resume's checkpoint does not fit
+        p.error(f"argument --resume: {resume_path}: {e}")
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import rng
-from .checkpoint import CHECKPOINT, atomic_write, build_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, build_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageData
 from .evaluate import heldout_terms
@@ -145,6 +145,39 @@ class Position:
                    state["sums"].clone(), state["elapsed"])
 
 
+def check_position(state: dict[str, Any], n: int, seed: int) -> None:
+    """Raise :class:`~acn_kernels.acn.checkpoint.CheckpointError` unless a checkpoint's
+    ``position`` can continue a run on ``n`` training examples with ``seed``: ``pass_index`` an
+    integer >= 0, ``order`` that pass's order of range(n) (int64 [n],
+    :func:`acn_kernels.acn.rng.permutation`), 0 <= ``offset`` < n (a finished pass is saved as
+    the next one at offset 0), ``step`` >= 0, ``sums`` float64 [4], ``elapsed`` >= 0. A data set
+    that changed size since the checkpoint fails here (a VAE has no bank whose size would
+    notice). :func:`train` also checks that ``pass_index`` is the restored model's."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint's position cannot continue this run: {why}")
+
+    order, offset, step = state.get("order"), state.get("offset"), state.get("step")
+    pass_index = state.get("pass_index")
+    if isinstance(pass_index, bool) or not isinstance(pass_index, int) or pass_index < 0:
+        raise bad(f"pass_index must be an integer >= 0, got {pass_index!r}")
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.dim() != 1:
+        raise bad(f"order must be a 1-D int64 tensor, got {type(order).__name__}")
+    if order.shape[0] != n:
+        raise bad(f"its pass order covers {order.shape[0]} examples but the training data has {n}: the data "
+                  "changed since the checkpoint was written (resume on the data it was trained on)")
+    if not torch.equal(order.cpu(), rng.permutation(seed, pass_index, n)):
+        raise bad(f"order is not pass {pass_index}'s order of {n} examples with seed {seed}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < n:
+        raise bad(f"offset must be an integer in [0, {n}), got {offset!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"step must be an integer >= 0, got {step!r}")
+    sums, elapsed = state.get("sums"), state.get("elapsed")
+    if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float64 or sums.shape != (4,):
+        raise bad("sums must be a float64 tensor of shape [4]")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, int | float) or not elapsed >= 0:
+        raise bad(f"elapsed must be a number >= 0, got {elapsed!r}")
+
+
 def train(
     model: ACN | VAE,
     data: ImageData,
@@ -180,25 +213,39 @@ def train(
     Returns:
         The per-pass metrics (loss, kl, recon per image, train and held out, in nats; the held-out
         ones on the writing process only).
+
+    Raises:
+        ValueError: ``config`` out of range (:meth:`TrainConfig.validate`).
+        CheckpointError: ``resume`` cannot continue on this data: its position
+            (:func:`check_position`) or its model and optimiser state do not fit.
     """
     from tqdm.auto import tqdm
 
     runtime = Runtime() if runtime is None else runtime
+    config.validate()
     device = torch.device(config.device)
     x = data.train_x.to(device)
     n = x.shape[0]
-    net = runtime.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     if resume is None:
         pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
     else:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        position = resume["position"]
+        check_position(position, n, config.seed)  # first: a bank's size mismatch says less
+        try:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint's state does not fit the model its config builds: {e}") from e
+        if position["pass_index"] != model.pass_index:
+            raise CheckpointError(f"the checkpoint's position is at pass {position['pass_index']} but its model "
+                                  f"state at pass {model.pass_index}")
         torch.set_rng_state(resume["rng"]["torch"])
-        pos = Position.from_state(resume["position"], device)
+        pos = Position.from_state(position, device)
         pos.sums = runtime.share(pos.sums)
         history = list(resume["history"])
+    net = runtime.wrap(model)
     writes = out_dir is not None and runtime.writes
     if writes:
         os.makedirs(out_dir, exist_ok=True)
@@ -226,6 +273,8 @@ def train(
     stop = out_of_steps()
     while not stop:
         batch = pos.order[pos.offset : pos.offset + config.batch_size]
+        if batch.numel() == 0:  # never with a checked position: an empty step would repeat forever
+            raise RuntimeError(f"no examples left at offset {pos.offset} of pass {pos.pass_index} ({n} examples)")
         idx = runtime.local(batch)
         error = None
         try:
@@ -248,7 +297,7 @@ def train(
             loss, kl, recon = (pos.sums[1:] / pos.sums[0]).tolist()
             bar.set_postfix(epoch=len(history) + 1, loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
 
-        if pos.offset == n:  # end of the pass
+        if pos.offset >= n:  # end of the pass
             sums = runtime.total(pos.sums)
             loss, kl, recon = (sums[1:] / sums[0]).tolist()
             row = {"epoch": len(history) + 1, "step": pos.step, "train_loss": loss, "train_kl": kl,
@@ -285,4 +334,4 @@ def train(
     return history
 
 
-__all__ = ["PLOT_SECONDS", "Position", "Runtime", "plot_history", "train"]
+__all__ = ["PLOT_SECONDS", "Position", "Runtime", "check_position", "plot_history", "train"]
