@@ -21,7 +21,7 @@ from ..ops import MAX_K
 from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint
 from .config import TrainConfig
 from .data import ImageData, load
-from .distributed import process_group
+from .distributed import RunMismatch, process_group
 from .evaluate import baselines, write_report
 from .models import ACN, VAE
 from .train import Runtime, train
@@ -199,6 +199,8 @@ def train_main(argv: list[str] | None = None) -> int:
             _train(model, data, config, out, resume, args, runtime)
     except CheckpointError as e:  # the position or state of --resume's checkpoint does not fit
         p.error(f"argument --resume: {resume_path}: {e}")
+    except RunMismatch as e:  # torchrun: this rank's command line, data or checkpoint is not rank 0's
+        p.error(str(e))
     return 0
 
 

@@ -20,10 +20,12 @@ CPU it produces the same weights as an uninterrupted run with the same ``--steps
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +89,11 @@ class Runtime:
         """The model as this process trains it (a distributed run shards an ACN's bank)."""
         return model
 
+    def begin(self, fields: Callable[[], dict[str, str]]) -> None:
+        """Called by every process before anything else of a run: a distributed run compares
+        ``fields()`` (:func:`run_fields`) across its ranks and raises on every rank if they differ;
+        one process has nothing to compare (and does not call it)."""
+
     def wrap(self, model: ACN | VAE) -> nn.Module:
         """What the loop calls forward on (a distributed run: DistributedDataParallel)."""
         return model
@@ -143,6 +150,31 @@ class Position:
     def from_state(cls, state: dict[str, Any], device: torch.device) -> Position:
         return cls(state["pass_index"], state["order"].to(device), state["offset"], state["step"],
                    state["sums"].clone(), state["elapsed"])
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's dtype, shape and bytes (on the CPU, row-major)."""
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_fields(config: TrainConfig, data: ImageData, resume: dict[str, Any] | None) -> dict[str, str]:
+    """What every process of one run must agree on, as short strings: each field of ``config``
+    but ``device`` (which names each rank's own GPU), the training images (sha256 of
+    ``data.train_x``, :func:`tensor_digest`), and where a resumed run starts (pass, offset, step
+    and order of ``resume``'s position; "none" for a fresh run)."""
+    fields = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "device"}
+    fields["training data"] = f"sha256 {tensor_digest(data.train_x)[:16]}"
+    position = (resume or {}).get("position")
+    if isinstance(position, dict):
+        order = position.get("order")
+        order = tensor_digest(order)[:16] if isinstance(order, torch.Tensor) else repr(order)
+        fields["resumed position"] = ", ".join(f"{k}={position.get(k)!r}" for k in ("pass_index", "offset", "step"))
+        fields["resumed position"] += f", order sha256 {order}"
+    else:
+        fields["resumed position"] = "none" if resume is None else repr(type(position).__name__)
+    return fields
 
 
 def check_position(state: dict[str, Any], n: int, seed: int) -> None:
@@ -215,13 +247,16 @@ def train(
         ones on the writing process only).
 
     Raises:
-        ValueError: ``config`` out of range (:meth:`TrainConfig.validate`).
+        ValueError: ``config`` out of range (:meth:`TrainConfig.validate`); in a distributed run,
+            :class:`~acn_kernels.acn.distributed.RunMismatch` on every rank if the ranks' configs,
+            training images or resumed positions differ (:func:`run_fields`).
         CheckpointError: ``resume`` cannot continue on this data: its position
             (:func:`check_position`) or its model and optimiser state do not fit.
     """
     from tqdm.auto import tqdm
 
     runtime = Runtime() if runtime is None else runtime
+    runtime.begin(lambda: run_fields(config, data, resume))
     config.validate()
     device = torch.device(config.device)
     x = data.train_x.to(device)
@@ -334,4 +369,5 @@ def train(
     return history
 
 
-__all__ = ["PLOT_SECONDS", "Position", "Runtime", "check_position", "plot_history", "train"]
+__all__ = ["PLOT_SECONDS", "Position", "Runtime", "check_position", "plot_history", "run_fields",
+           "tensor_digest", "train"]
