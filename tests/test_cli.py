@@ -161,3 +161,22 @@ def test_resume_on_a_data_file_that_grew(capsys, tmp_path, digits):
     err = usage_error(capsys, cli.train_main, ["--resume", os.path.join(run, CHECKPOINT), "--epochs", "1",
                                                "--no-progress"])
     assert "argument --resume:" in err and "covers 40 examples but the training data has 45" in err
+
+
+def test_damaged_checkpoints_are_one_line_errors(capsys, tmp_path, digits):
+    run = str(tmp_path / "run")
+    assert cli.train_main([*small(digits, run), "--steps", "2", "--no-report"]) == 0
+    path = os.path.join(run, CHECKPOINT)
+    blob = open(path, "rb").read()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    err = usage_error(capsys, cli.train_main, ["--resume", str(tmp_path / "empty.pt"), "--steps", "3"])
+    assert "argument --resume:" in err and "empty.pt: not a readable checkpoint (EOFError)" in err
+    codes = torch.load(path, weights_only=True)["model"]["bank.codes"]
+    at = blob.find(codes[:2].numpy().tobytes())
+    open(path, "wb").write(blob[:at] + bytes([blob[at] ^ 0x80]) + blob[at + 1:])
+    err = usage_error(capsys, cli.train_main, ["--resume", path, "--steps", "3"])
+    assert "the content does not match its digest" in err
+    err = usage_error(capsys, cli.eval_main, [run, "--out", str(tmp_path / "ev")])
+    assert err.startswith("acn-eval: error: argument runs:") and "does not match its digest" in err
+    err = usage_error(capsys, cli.train_main, ["--resume", str(tmp_path / "missing.pt"), "--steps", "3"])
+    assert "missing.pt: no such checkpoint" in err

@@ -184,7 +184,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"v": torch.arange(5)}, path)
     monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was removed
 
 
@@ -203,7 +203,7 @@ def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
-    assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
 
 
 def test_bad_checkpoint_version(tmp_path):
@@ -327,14 +327,14 @@ def test_resume_on_data_that_grew_is_refused(tiny, tmp_path, no_hang, model):
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    ({"offset": 500}, r"offset must be an integer in \[0, 200\), got 500"),
-    ({"offset": 200}, r"offset must be an integer in \[0, 200\)"),
-    ({"offset": -64}, r"offset must be an integer in \[0, 200\)"),
+    ({"offset": 500}, r"offset must lie in \[0, 200\), got 500"),
+    ({"offset": 200}, r"offset must lie in \[0, 200\)"),
+    ({"offset": -64}, r"offset must lie in \[0, 200\)"),
     ({"order": torch.arange(200)}, "order is not pass 0's order of 200 examples with seed 0"),
     ({"order": torch.zeros(200, dtype=torch.int64)}, "order is not pass 0's order"),
     ({"order": torch.arange(200).float()}, "order must be a 1-D int64 tensor"),
-    ({"pass_index": -1}, "pass_index must be an integer >= 0"),
-    ({"step": -3}, "step must be an integer >= 0"),
+    ({"pass_index": -1}, "pass_index must be >= 0"),
+    ({"step": -3}, "step must be >= 0"),
     ({"sums": torch.zeros(3)}, r"sums must be a float64 tensor of shape \[4\]"),
 ], ids=["offset-beyond", "offset-n", "offset-negative", "order-not-permuted", "order-not-permutation",
         "order-float", "pass-negative", "step", "sums"])
@@ -390,3 +390,90 @@ def test_config_out_of_range_is_refused(tiny, no_hang, field, value):
     setattr(config, field, value)
     with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
         train.train(model, tiny, config, None, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: checkpoints carry a content digest and are checked against their schema
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory) -> str:
+    """A real checkpoint (an ACN after 2 steps)."""
+    out = tmp_path_factory.mktemp("saved")
+    run(tiny, str(out), steps=2)
+    return str(out / CHECKPOINT)
+
+
+def test_checkpoint_holds_a_digest_of_its_content(saved):
+    from acn_kernels.acn.checkpoint import content_digest
+
+    raw = torch.load(saved, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION == 2 and raw["sha256"] == content_digest(raw)
+    ckpt = load_checkpoint(saved)
+    assert "sha256" not in ckpt and content_digest(ckpt) == raw["sha256"]  # verified, then removed
+
+
+def test_flipped_bytes_are_refused(saved, tmp_path):
+    """One bit of the bank's codes changed in the file: torch.load itself does not notice."""
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    blob = bytearray(open(saved, "rb").read())
+    codes = torch.load(saved, weights_only=True)["model"]["bank.codes"]
+    at = bytes(blob).find(codes[:4].numpy().tobytes())
+    assert at > 0
+    blob[at + 5] ^= 0x01
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(blob))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["bank.codes"], codes)  # loads silently
+    with pytest.raises(CheckpointError, match=r"flipped.pt: the content does not match its digest"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "junk"])
+def test_unreadable_files_are_checkpoint_errors(saved, tmp_path, cut):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    blob = open(saved, "rb").read()
+    path = tmp_path / "bad.pt"
+    path.write_bytes({"empty": b"", "half": blob[: len(blob) // 2], "junk": b"junk" * 50}[cut])
+    with pytest.raises(CheckpointError, match=r"bad.pt: not a readable checkpoint"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c.pop("position"), "not a complete checkpoint: no 'position'"),
+    (lambda c: c.pop("optimizer"), "no 'optimizer'"),
+    (lambda c: c["position"].pop("offset"), "no 'position.offset'"),
+    (lambda c: c["rng"].pop("torch"), "no 'rng.torch'"),
+    (lambda c: c["optimizer"].pop("param_groups"), "no 'optimizer.param_groups'"),
+    (lambda c: c["position"].update(offset="3"), "position.offset must be int, got str"),
+    (lambda c: c["position"].update(step=True), "position.step must be int, got bool"),
+    (lambda c: c.update(history={}), "history must be list, got dict"),
+    (lambda c: c.update(model=[]), "model must be dict, got list"),
+    (lambda c: c.update(world_size=0), "world_size must be >= 1"),
+    (lambda c: c["config"].update(hidden=3), r"config has unknown fields \['hidden'\]"),
+    (lambda c: c["config"].update(batch_size=0), "config: TrainConfig.batch_size must be"),
+], ids=["position", "optimizer", "offset", "rng", "param_groups", "offset-str", "step-bool", "history",
+        "model", "world_size", "config-unknown", "config-range"])
+def test_schema_is_checked(saved, tmp_path, edit, match):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    ckpt = load_checkpoint(saved)
+    edit(ckpt)
+    path = str(tmp_path / "edited.pt")
+    save_checkpoint(ckpt, path)  # a valid digest: only the schema can refuse it
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(path)
+    assert "edited.pt" in str(info.value)
+
+
+def test_format_1_loads_with_a_warning_and_resumes(tiny, saved, tmp_path):
+    raw = torch.load(saved, weights_only=True)
+    del raw["sha256"]
+    raw["format_version"] = 1
+    torch.save(raw, tmp_path / "v1.pt")
+    with pytest.warns(UserWarning, match="format 1 has no content digest"):
+        ckpt = load_checkpoint(str(tmp_path / "v1.pt"))
+    assert ckpt["position"]["step"] == 2
+    _, hist = run(tiny, str(tmp_path / "resumed"), steps=4, resume=ckpt)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["format_version"] == 2

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 from ..ops import MAX_K
-from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_state
 from .config import TrainConfig
 from .data import ImageData, load
 from .distributed import RunMismatch, process_group
@@ -260,11 +260,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
         if not os.path.isfile(path):
             p.error(f"argument runs: {path}: no such checkpoint")
-        ckpt = load_checkpoint(path)
-        config = TrainConfig(**ckpt["config"])
-        data = load_data(p, config.data)
-        model = build(p, config, data)
-        model.load_state_dict(ckpt["model"])
+        try:
+            ckpt = load_checkpoint(path)
+            config = TrainConfig(**ckpt["config"])
+            data = load_data(p, config.data)
+            model = build(p, config, data)
+            load_state(model, ckpt["model"], f"{path}: the model state")
+        except CheckpointError as e:
+            p.error(f"argument runs: {e}")
         model.to(args.device)
         name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(path)))
         res = write_report(model, data, os.path.join(args.out, name), seed=config.seed, device=args.device,

@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from . import rng
-from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, build_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write,
+    build_checkpoint,
+    check_schema,
+    load_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import ImageData
 from .evaluate import heldout_terms
@@ -179,8 +187,9 @@ def run_fields(config: TrainConfig, data: ImageData, resume: dict[str, Any] | No
 
 def check_position(state: dict[str, Any], n: int, seed: int) -> None:
     """Raise :class:`~acn_kernels.acn.checkpoint.CheckpointError` unless a checkpoint's
-    ``position`` can continue a run on ``n`` training examples with ``seed``: ``pass_index`` an
-    integer >= 0, ``order`` that pass's order of range(n) (int64 [n],
+    ``position`` (of the types :func:`~acn_kernels.acn.checkpoint.check_schema` checks) can
+    continue a run on ``n`` training examples with ``seed``: ``pass_index`` >= 0, ``order``
+    that pass's order of range(n) (int64 [n],
     :func:`acn_kernels.acn.rng.permutation`), 0 <= ``offset`` < n (a finished pass is saved as
     the next one at offset 0), ``step`` >= 0, ``sums`` float64 [4], ``elapsed`` >= 0. A data set
     that changed size since the checkpoint fails here (a VAE has no bank whose size would
@@ -188,26 +197,24 @@ def check_position(state: dict[str, Any], n: int, seed: int) -> None:
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"the checkpoint's position cannot continue this run: {why}")
 
-    order, offset, step = state.get("order"), state.get("offset"), state.get("step")
-    pass_index = state.get("pass_index")
-    if isinstance(pass_index, bool) or not isinstance(pass_index, int) or pass_index < 0:
-        raise bad(f"pass_index must be an integer >= 0, got {pass_index!r}")
-    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.dim() != 1:
-        raise bad(f"order must be a 1-D int64 tensor, got {type(order).__name__}")
+    order, offset, step, pass_index = state["order"], state["offset"], state["step"], state["pass_index"]
+    if pass_index < 0:
+        raise bad(f"pass_index must be >= 0, got {pass_index}")
+    if order.dtype != torch.int64 or order.dim() != 1:
+        raise bad(f"order must be a 1-D int64 tensor, got {order.dtype} of shape {tuple(order.shape)}")
     if order.shape[0] != n:
         raise bad(f"its pass order covers {order.shape[0]} examples but the training data has {n}: the data "
                   "changed since the checkpoint was written (resume on the data it was trained on)")
     if not torch.equal(order.cpu(), rng.permutation(seed, pass_index, n)):
         raise bad(f"order is not pass {pass_index}'s order of {n} examples with seed {seed}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < n:
-        raise bad(f"offset must be an integer in [0, {n}), got {offset!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise bad(f"step must be an integer >= 0, got {step!r}")
-    sums, elapsed = state.get("sums"), state.get("elapsed")
-    if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float64 or sums.shape != (4,):
+    if not 0 <= offset < n:
+        raise bad(f"offset must lie in [0, {n}), got {offset}")
+    if step < 0:
+        raise bad(f"step must be >= 0, got {step}")
+    if state["sums"].dtype != torch.float64 or state["sums"].shape != (4,):
         raise bad("sums must be a float64 tensor of shape [4]")
-    if isinstance(elapsed, bool) or not isinstance(elapsed, int | float) or not elapsed >= 0:
-        raise bad(f"elapsed must be a number >= 0, got {elapsed!r}")
+    if not state["elapsed"] >= 0:
+        raise bad(f"elapsed must be >= 0, got {state['elapsed']}")
 
 
 def train(
@@ -266,13 +273,11 @@ def train(
     if resume is None:
         pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
     else:
+        check_schema(resume, "resume")
         position = resume["position"]
         check_position(position, n, config.seed)  # first: a bank's size mismatch says less
-        try:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the checkpoint's state does not fit the model its config builds: {e}") from e
+        load_state(model, resume["model"], "the checkpoint's model state")
+        load_state(opt, resume["optimizer"], "the checkpoint's optimiser state")
         if position["pass_index"] != model.pass_index:
             raise CheckpointError(f"the checkpoint's position is at pass {position['pass_index']} but its model "
                                   f"state at pass {model.pass_index}")
