@@ -180,3 +180,47 @@ def test_damaged_checkpoints_are_one_line_errors(capsys, tmp_path, digits):
     assert err.startswith("acn-eval: error: argument runs:") and "does not match its digest" in err
     err = usage_error(capsys, cli.train_main, ["--resume", str(tmp_path / "missing.pt"), "--steps", "3"])
     assert "missing.pt: no such checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: one file mode for every output; stray temporary files of killed writes removed
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_every_output_has_the_mode_open_gives(tmp_path, digits, umask):
+    """0666 minus the umask, for the checkpoint and metrics.json as for the images (mkstemp's
+    0600 once set them apart)."""
+    old = os.umask(umask)
+    try:
+        run, ev = str(tmp_path / "run"), str(tmp_path / "ev")
+        assert cli.train_main([*small(digits, run), "--steps", "3"]) == 0  # one pass: metrics.png
+        assert cli.eval_main([run, "--out", ev, "--daydream-steps", "1", "--no-baselines"]) == 0
+    finally:
+        os.umask(old)
+    files = [os.path.join(d, f) for d in (run, ev, os.path.join(ev, "run")) for f in os.listdir(d)
+             if os.path.isfile(os.path.join(d, f))]
+    names = {os.path.basename(f) for f in files}
+    assert {CHECKPOINT, "metrics.json", "metrics.png", "reconstructions.png", "daydreams.png", "neighbours.png",
+            "eval.json", "eval.md"} <= names
+    assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: oct(0o666 & ~umask) for f in files}
+
+
+def test_stale_temporaries_are_removed_at_the_start_of_a_run(tmp_path, digits):
+    import subprocess
+    import sys
+
+    from acn_kernels.acn.checkpoint import TMP_PREFIX
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited: its writes can never finish
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [f"{TMP_PREFIX}{dead}-0a1b2c3d-checkpoint.pt", f"{TMP_PREFIX}{dead}-ffff0000-metrics.json"]
+    kept = [f"{TMP_PREFIX}{os.getpid()}-12345678-checkpoint.pt",  # a live process: a write in progress
+            ".tmp-mine", "notes.txt"]
+    for name in stale + kept:
+        (run / name).write_bytes(b"half a file")
+    assert cli.train_main([*small(digits, str(run)), "--steps", "2", "--no-report"]) == 0
+    left = set(os.listdir(run))
+    assert not left & set(stale) and set(kept) <= left
+    assert not [n for n in left if n.startswith(TMP_PREFIX) and n not in kept]  # none of this run's

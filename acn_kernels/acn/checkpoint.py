@@ -32,7 +32,8 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
+import re
+import secrets
 import warnings
 from collections.abc import Callable
 from typing import IO, Any
@@ -52,17 +53,62 @@ class CheckpointError(ValueError):
     itself or with the data it is resumed on. The message names the file (or what was checked)."""
 
 
+TMP_PREFIX = ".tmp-acn-"
+"""Temporary files of :func:`atomic_write` are named ``.tmp-acn-<pid>-<random>-<name>``."""
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-[0-9a-f]+-")
+
+
+def _create_temporary(folder: str, name: str) -> tuple[int, str]:
+    """A new file next to the target, created as ``open()`` creates files (mode 0666 minus the
+    umask, 0644 under the usual 022; mkstemp's 0600 would set checkpoints apart from images)."""
+    while True:
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files that killed writes of :func:`atomic_write` left in ``folder``:
+    those of our prefix whose writing process (its pid is in the name) no longer runs on this
+    machine. Returns the names removed. A write in progress is never touched (its process runs);
+    a stray file of a process on another machine sharing the folder is left alone only while a
+    process of that pid runs here."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = _TMP_NAME.match(name)
+        if match and not _running(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
 def atomic_write(path: str, content: str | bytes | Callable[[IO[bytes]], None]) -> None:
     """Write ``content`` (text as UTF-8, bytes, or a function that writes into the open binary
     file) to ``path`` so that ``path`` always holds either its previous complete content or the
     new one, also across a crash or power loss.
 
-    The content goes to a temporary file in the same folder, which is flushed and fsynced, then
-    moved over ``path`` by ``os.replace`` (atomic on POSIX), and the folder is fsynced so that the
-    rename itself is durable. On any error the temporary file is removed and ``path`` is untouched.
+    The content goes to a temporary file in the same folder (``.tmp-acn-<pid>-...``, created with
+    mode 0666 minus the umask, as ``open()`` would create ``path``), which is flushed and fsynced,
+    then moved over ``path`` by ``os.replace`` (atomic on POSIX), and the folder is fsynced so
+    that the rename itself is durable. On any error the temporary file is removed and ``path`` is
+    untouched; a killed process leaves it behind, for :func:`remove_stale_temporaries`.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    fd, tmp = _create_temporary(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(content):
@@ -236,5 +282,6 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: dict[str,
         raise CheckpointError(f"{what} does not fit the model its config builds: {e}") from e
 
 
-__all__ = ["CHECKPOINT", "FORMAT_VERSION", "CheckpointError", "atomic_write", "build_checkpoint", "check_schema",
-           "content_digest", "load_checkpoint", "load_state", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "FORMAT_VERSION", "TMP_PREFIX", "CheckpointError", "atomic_write", "build_checkpoint",
+           "check_schema", "content_digest", "load_checkpoint", "load_state", "remove_stale_temporaries",
+           "save_checkpoint"]

@@ -18,7 +18,14 @@ from typing import Any, NoReturn
 import torch
 
 from ..ops import MAX_K
-from .checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_state
+from .checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_state,
+    remove_stale_temporaries,
+)
 from .config import TrainConfig
 from .data import ImageData, load
 from .distributed import RunMismatch, process_group
@@ -279,6 +286,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         for name, rep in baselines(data).items():
             results[name] = {"representation": rep}
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_temporaries(args.out)
     atomic_write(os.path.join(args.out, "eval.json"), json.dumps(results, indent=1))
     table = _table(results)
     atomic_write(os.path.join(args.out, "eval.md"), table + "\n")

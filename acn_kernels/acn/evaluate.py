@@ -20,6 +20,7 @@ import torch
 
 from ..ops import masked_topk
 from . import rng
+from .checkpoint import atomic_write, remove_stale_temporaries
 from .data import ImageData
 from .models import ACN, VAE
 from .networks import decode_sample
@@ -105,7 +106,8 @@ def save_grid(images: torch.Tensor, path: str) -> None:
             top, left = 2 + i * (h + 2), 2 + j * (w + 2)
             grid[:, top : top + h, left : left + w] = images[i, j].float().cpu()
     arr = grid[0].numpy() if ch == 1 else grid.permute(1, 2, 0).numpy()
-    plt.imsave(path, np.clip(arr, 0, 1), cmap="gray" if ch == 1 else None, vmin=0, vmax=1)
+    atomic_write(path, lambda f: plt.imsave(f, np.clip(arr, 0, 1), cmap="gray" if ch == 1 else None, vmin=0, vmax=1,
+                                            format="png"))
 
 
 @torch.no_grad()
@@ -142,6 +144,7 @@ def write_report(
     (when ``grids``) and return {"heldout": :func:`heldout_terms`, "representation":
     :func:`representation` of the codes (when the data has labels)}."""
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     model.eval()
     summary: dict[str, Any] = {"heldout": heldout_terms(model, data.test_x, device=device)}
     if data.train_y is not None and data.test_y is not None:

@@ -39,6 +39,7 @@ from .checkpoint import (
     build_checkpoint,
     check_schema,
     load_state,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from .config import TrainConfig
@@ -68,7 +69,7 @@ def plot_history(history: list[dict[str, float]], path: str) -> None:
         ax.set_xlabel("pass")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -289,6 +290,7 @@ def train(
     writes = out_dir is not None and runtime.writes
     if writes:
         os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
 
     def save(whole: ACN | VAE | None) -> None:
         """Every process calls it (the sums are collective); ``whole``: runtime.whole(model)."""
