@@ -224,3 +224,43 @@ def test_stale_temporaries_are_removed_at_the_start_of_a_run(tmp_path, digits):
     left = set(os.listdir(run))
     assert not left & set(stale) and set(kept) <= left
     assert not [n for n in left if n.startswith(TMP_PREFIX) and n not in kept]  # none of this run's
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: --resume FILE continues in the checkpoint's folder; model options must agree with it
+
+
+def test_resume_file_continues_in_its_own_folder(tmp_path, digits, monkeypatch):
+    """A VAE checkpoint resumed without --out once wrote into runs/acn-default, next to an
+    unrelated run."""
+    from acn_kernels.acn.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    vae = str(tmp_path / "my-vae")
+    assert cli.train_main([*small(digits, vae), "--model", "vae", "--steps", "2", "--no-report"]) == 0
+    assert cli.train_main(["--resume", os.path.join(vae, CHECKPOINT), "--steps", "4", "--no-progress",
+                           "--no-report"]) == 0
+    assert load_checkpoint(os.path.join(vae, CHECKPOINT))["position"]["step"] == 4
+    assert not os.path.exists(tmp_path / "runs")
+    monkeypatch.chdir(vae)  # a bare file name: the current folder
+    assert cli.train_main(["--resume", CHECKPOINT, "--steps", "5", "--no-progress", "--no-report"]) == 0
+    assert load_checkpoint(CHECKPOINT)["position"]["step"] == 5
+
+
+def test_conflicting_model_options_with_resume(capsys, tmp_path, digits, monkeypatch):
+    from acn_kernels.acn.checkpoint import load_checkpoint
+
+    vae = str(tmp_path / "my-vae")
+    assert cli.train_main([*small(digits, vae), "--model", "vae", "--steps", "2", "--no-report"]) == 0
+    ckpt = os.path.join(vae, CHECKPOINT)
+    err = usage_error(capsys, cli.train_main, ["--resume", ckpt, "--model", "acn", "--steps", "3"])
+    assert "argument --resume:" in err and "--model acn (the checkpoint has vae)" in err
+    err = usage_error(capsys, cli.train_main, ["--resume", ckpt, "--code-dim", "8", "--lr", "0.01", "--steps", "3"])
+    assert "--code-dim 8 (the checkpoint has 4); --lr 0.01 (the checkpoint has 0.001)" in err
+    assert load_checkpoint(ckpt)["position"]["step"] == 2  # nothing ran
+    # Options that agree with the checkpoint (a data path spelt another way too) and budget options are fine.
+    monkeypatch.chdir(os.path.dirname(digits))
+    assert cli.train_main(["--resume", ckpt, "--model", "vae", "--code-dim", "4", "--batch-size", "16",
+                           "--data", os.path.basename(digits), "--steps", "3", "--checkpoint-every", "1",
+                           "--minutes", "5", "--no-progress", "--no-report"]) == 0
+    assert load_checkpoint(ckpt)["position"]["step"] == 3

@@ -120,6 +120,12 @@ def build(p: argparse.ArgumentParser, config: TrainConfig, data: ImageData) -> A
         p.error(f"the model options do not fit the data ({config.data}, images {data.image_shape}): {e}")
 
 
+MODEL_OPTIONS = ("model", "encoder", "decoder", "data", "code_dim", "k", "components", "batch_size", "lr", "seed")
+"""The options that define the model and its training (TrainConfig fields): a resumed run takes
+them from its checkpoint, so given with ``--resume`` they must agree with it. Their parser
+default is None ("not given"); TrainConfig's defaults apply to a new run."""
+
+
 def parser() -> argparse.ArgumentParser:
     """The parser of ``acn-train``'s options (one for every entry point)."""
     d = TrainConfig()
@@ -130,19 +136,18 @@ def parser() -> argparse.ArgumentParser:
         "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes or 40 passes, whichever ends "
         "first, into runs/acn-default.",
     )
-    p.add_argument("--model", choices=["acn", "vae"], default=d.model)
-    p.add_argument("--encoder", choices=["mlp", "conv"], default=d.encoder)
-    p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], default=d.decoder)
-    p.add_argument("--data", default=d.data,
-                   help="'mnist5k' (embedded default), a folder of MNIST IDX files (.gz or raw), or a .pt "
-                   "file with a dict of tensors train_x [, train_y, test_x, test_y] (binarised, 0/1)",
-                   type=data_arg)
-    p.add_argument("--code-dim", type=positive_int, default=d.code_dim)
-    p.add_argument("--k", type=integer(1, MAX_K), default=d.k, help=f"neighbours to draw from (K, 1 to {MAX_K})")
-    p.add_argument("--components", type=positive_int, default=d.components, help="prior mixture components (M)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=positive_float, default=d.lr)
-    p.add_argument("--seed", type=integer(0, 2**64 - 1), default=d.seed)
+    p.add_argument("--model", choices=["acn", "vae"], help=f"default {d.model}")
+    p.add_argument("--encoder", choices=["mlp", "conv"], help=f"default {d.encoder}")
+    p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], help=f"default {d.decoder}")
+    p.add_argument("--data", type=data_arg,
+                   help="'mnist5k' (embedded, the default), a folder of MNIST IDX files (.gz or raw), or a .pt "
+                   "file with a dict of tensors train_x [, train_y, test_x, test_y] (binarised, 0/1)")
+    p.add_argument("--code-dim", type=positive_int, help=f"code size D (default {d.code_dim})")
+    p.add_argument("--k", type=integer(1, MAX_K), help=f"neighbours to draw from (K, 1 to {MAX_K}; default {d.k})")
+    p.add_argument("--components", type=positive_int, help=f"prior mixture components (M; default {d.components})")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=positive_float, help=f"Adam's learning rate (default {d.lr})")
+    p.add_argument("--seed", type=integer(0, 2**64 - 1), help=f"default {d.seed}")
     p.add_argument("--minutes", type=nonneg_float, default=d.minutes,
                    help="wall-clock training budget of this invocation (0: none)")
     p.add_argument("--epochs", type=nonneg_int, default=40,
@@ -155,13 +160,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads (default 1: the default model's small matrices gain little from more, "
                    "and on a busy machine extra threads that compete for cores slow every step many-fold)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<model>-default)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/<model>-default; with --resume CHECKPOINT, its folder)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default <out>/checkpoint.pt); the model options are "
-                   "taken from it, the budget options from this command line")
+                   help="continue from CHECKPOINT (default <out>/checkpoint.pt) in its folder (or --out); the "
+                   "model options (--model ... --seed) are taken from it and, if given, must agree with it; "
+                   "the budget options (--minutes, --epochs, --steps, --checkpoint-every, --device, --threads) "
+                   "come from this command line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the image grids after training")
     return p
+
+
+def _same_option(name: str, given: object, saved: object) -> bool:
+    """Whether a model option given with --resume agrees with the checkpoint's value (a data path
+    may be spelt another way)."""
+    if given == saved:
+        return True
+    return (name == "data" and isinstance(saved, str) and os.path.exists(str(given)) and os.path.exists(saved)
+            and os.path.samefile(str(given), saved))
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -174,10 +191,18 @@ def train_main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("runs", f"{args.model}-default")
+    given = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
     resume = resume_path = None
-    if args.resume is not None:
-        resume_path = os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume
+    if args.resume is None:
+        config = TrainConfig(**given)
+        out = args.out or os.path.join("runs", f"{config.model}-default")
+    else:
+        if args.resume == "auto":
+            out = args.out or os.path.join("runs", f"{given.get('model', TrainConfig.model)}-default")
+            resume_path = os.path.join(out, CHECKPOINT)
+        else:  # resume in the checkpoint's own folder, not next to another run in runs/<model>-default
+            resume_path = args.resume
+            out = args.out or os.path.dirname(resume_path) or "."
         if not os.path.isfile(resume_path):
             p.error(f"argument --resume: {resume_path}: no such checkpoint")
         try:
@@ -185,10 +210,11 @@ def train_main(argv: list[str] | None = None) -> int:
         except CheckpointError as e:
             p.error(f"argument --resume: {e}")
         config = TrainConfig(**resume["config"])
-    else:
-        config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
-                             code_dim=args.code_dim, k=args.k, components=args.components,
-                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        conflicts = [f"--{name.replace('_', '-')} {value} (the checkpoint has {getattr(config, name)})"
+                     for name, value in given.items() if not _same_option(name, value, getattr(config, name))]
+        if conflicts:
+            p.error(f"argument --resume: {resume_path} fixes the model options, and these differ from it: "
+                    f"{'; '.join(conflicts)}; drop them, or start a new run (another --out)")
     config.epochs, config.steps = args.epochs or None, args.steps or None
     config.minutes = args.minutes or None
     config.checkpoint_every, config.device = args.checkpoint_every, args.device
