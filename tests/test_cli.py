@@ -264,3 +264,58 @@ def test_conflicting_model_options_with_resume(capsys, tmp_path, digits, monkeyp
                            "--data", os.path.basename(digits), "--steps", "3", "--checkpoint-every", "1",
                            "--minutes", "5", "--no-progress", "--no-report"]) == 0
     assert load_checkpoint(ckpt)["position"]["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: strict JSON everywhere; an empty held-out set and single-class labels end in nulls
+
+
+def strict_json(path: str):
+    """json.load refusing NaN and Infinity, which are not JSON."""
+    import json
+
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
+    from acn_kernels.acn.checkpoint import write_json
+
+    path = str(tmp_path / "m.json")
+    write_json(path, {"loss": float("nan"), "terms": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
+    assert strict_json(path) == {"loss": None, "terms": [1.5, None, [None, 2]], "n": 3}
+
+
+def test_empty_held_out_set(tmp_path, digits):
+    blob = torch.load(digits)
+    blob["test_x"], blob["test_y"] = blob["test_x"][:0], blob["test_y"][:0]
+    torch.save(blob, digits)
+    run, ev = str(tmp_path / "run"), str(tmp_path / "ev")
+    assert cli.train_main([*small(digits, run), "--steps", "3"]) == 0  # one pass, then the report
+    metrics = strict_json(os.path.join(run, "metrics.json"))
+    assert len(metrics["history"]) == 1 and "test_loss" not in metrics["history"][0]
+    assert metrics["final"]["heldout"] is None
+    assert metrics["final"]["representation"] == {"linear_probe": None, "knn": None,
+                                                  "reason": "no held-out examples to score"}
+    assert cli.eval_main([run, "--out", ev]) == 0
+    results = strict_json(os.path.join(ev, "eval.json"))
+    assert all(r["representation"]["linear_probe"] is None for r in results.values())
+    assert "| - | - | - | - | - |" in open(os.path.join(ev, "eval.md")).read()
+
+
+def test_single_class_labels(tmp_path, digits):
+    blob = torch.load(digits)
+    blob["train_y"], blob["test_y"] = torch.zeros_like(blob["train_y"]), torch.zeros_like(blob["test_y"])
+    torch.save(blob, digits)
+    run, ev = str(tmp_path / "run"), str(tmp_path / "ev")
+    assert cli.train_main([*small(digits, run), "--steps", "2"]) == 0
+    final = strict_json(os.path.join(run, "metrics.json"))["final"]
+    assert final["heldout"]["test_loss"] > 0
+    rep = final["representation"]
+    assert rep["linear_probe"] is None and rep["knn"] is None and "single class ([0])" in rep["reason"]
+    assert cli.eval_main([run, "--out", ev, "--daydream-steps", "1"]) == 0
+    results = strict_json(os.path.join(ev, "eval.json"))
+    assert all("single class" in results[name]["representation"]["reason"] for name in ("pixels", "pca16"))

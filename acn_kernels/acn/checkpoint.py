@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
+import math
 import os
 import re
 import secrets
@@ -127,6 +129,23 @@ def atomic_write(path: str, content: str | bytes | Callable[[IO[bytes]], None]) 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _json_value(obj: object) -> object:
+    """``obj`` with every non-finite float (a diverged loss, an undefined mean) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _json_value(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_value(value) for value in obj]
+    return obj
+
+
+def write_json(path: str, obj: object) -> None:
+    """``obj`` as strict JSON (``allow_nan=False``: NaN and inf are not JSON, so a non-finite
+    number is written as null) through :func:`atomic_write`."""
+    atomic_write(path, json.dumps(_json_value(obj), indent=1, allow_nan=False))
 
 
 def build_checkpoint(
@@ -284,4 +303,4 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: dict[str,
 
 __all__ = ["CHECKPOINT", "FORMAT_VERSION", "TMP_PREFIX", "CheckpointError", "atomic_write", "build_checkpoint",
            "check_schema", "content_digest", "load_checkpoint", "load_state", "remove_stale_temporaries",
-           "save_checkpoint"]
+           "save_checkpoint", "write_json"]

@@ -8,7 +8,6 @@ acn_kernels.acn.cli [options]`` runs :func:`train_main` on every rank (docs/dist
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from .checkpoint import (
     load_checkpoint,
     load_state,
     remove_stale_temporaries,
+    write_json,
 )
 from .config import TrainConfig
 from .data import ImageData, load
@@ -250,10 +250,11 @@ def _train(model: ACN | VAE, data: ImageData, config: TrainConfig, out: str, res
     if not runtime.writes:
         return
     summary = write_report(whole, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
-    atomic_write(os.path.join(out, "metrics.json"), json.dumps({"history": history, "final": summary}, indent=1))
+    write_json(os.path.join(out, "metrics.json"), {"history": history, "final": summary})
     h = summary["heldout"]
-    print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
-          f"{h['test_recon']:.2f}; wrote {', '.join(sorted(os.listdir(out)))}")
+    nats = ("no held-out images" if h is None else
+            f"held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon {h['test_recon']:.2f}")
+    print(f"acn-train: {nats}; wrote {', '.join(sorted(os.listdir(out)))}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +268,8 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         h = r.get("heldout")
         rep = r.get("representation", {})
         nats = (f"{h['test_kl']:.2f} | {h['test_recon']:.2f} | {h['test_loss']:.2f}" if h else "- | - | -")
-        acc = " | ".join(f"{100 * rep[key]:.1f}%" if key in rep else "-" for key in ("linear_probe", "knn"))
+        acc = " | ".join(f"{100 * rep[key]:.1f}%" if rep.get(key) is not None else "-"
+                         for key in ("linear_probe", "knn"))
         lines.append(f"| {name} | {nats} | {acc} |")
     return "\n".join(lines)
 
@@ -313,7 +315,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             results[name] = {"representation": rep}
     os.makedirs(args.out, exist_ok=True)
     remove_stale_temporaries(args.out)
-    atomic_write(os.path.join(args.out, "eval.json"), json.dumps(results, indent=1))
+    write_json(os.path.join(args.out, "eval.json"), results)
     table = _table(results)
     atomic_write(os.path.join(args.out, "eval.md"), table + "\n")
     print(table)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -41,6 +40,7 @@ from .checkpoint import (
     load_state,
     remove_stale_temporaries,
     save_checkpoint,
+    write_json,
 )
 from .config import TrainConfig
 from .data import ImageData
@@ -346,8 +346,9 @@ def train(
                    "train_recon": recon}
             model.new_pass()
             whole = runtime.whole(model)
-            if whole is not None:
-                row.update(heldout_terms(whole, data.test_x, device=device))
+            heldout = None if whole is None else heldout_terms(whole, data.test_x, device=device)
+            if heldout is not None:  # None: no held-out images (the row then has no test_* keys)
+                row.update(heldout)
             if isinstance(model, ACN):
                 row["fallbacks"] = model.bank.fallbacks
             row["elapsed_s"] = elapsed0 + time.monotonic() - start
@@ -357,7 +358,7 @@ def train(
             pos.order = rng.permutation(config.seed, pos.pass_index, n, device)
             pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64)
             if writes:
-                atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps({"history": history}, indent=1))
+                write_json(os.path.join(out_dir, "metrics.json"), {"history": history})
                 if time.monotonic() - plotted_at >= PLOT_SECONDS:
                     plot_history(history, os.path.join(out_dir, "metrics.png"))
                     plotted_at, plotted_passes = time.monotonic(), len(history)
