@@ -71,15 +71,25 @@ def check_mixture(
     _check_like(code, "code", z, "z")
 
 
-def check_k(k: object, n: int) -> int:
-    """k as a Python int: any integer (int, numpy or 0-dim integer tensor, not bool) with
-    1 <= k <= min(n, MAX_K)."""
-    if isinstance(k, bool) or (isinstance(k, torch.Tensor) and (k.dim() or k.is_floating_point())):
-        raise TypeError(f"k must be an int, got {_describe(k)}")
+def check_int(value: object, name: str) -> int:
+    """``value`` as a Python int: any integer (int, numpy integer or 0-dim integer tensor), not a
+    bool, a float or a string; the TypeError names ``name``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor)
+                                   and (value.dim() or not _is_integer_dtype(value.dtype))):
+        raise TypeError(f"{name} must be an int, got {_describe(value)}")
     try:
-        k = operator.index(k)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(f"k must be an int, got {_describe(k)}") from None
+        raise TypeError(f"{name} must be an int, got {_describe(value)}") from None
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_k(k: object, n: int) -> int:
+    """k as a Python int: any integer (see :func:`check_int`) with 1 <= k <= min(n, MAX_K)."""
+    k = check_int(k, "k")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > MAX_K:

@@ -276,3 +276,84 @@ def test_initial_codes_are_counter_based(device):
 def test_bad_shard(shard):
     with pytest.raises(ValueError, match="shard must be"):
         CodeBank(10, 3, shard=shard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16: a bank never holds a non-finite code; constructor and index errors name the argument
+
+
+@pytest.mark.parametrize("codes", [
+    torch.tensor([[0.0, 1, 2], [float("nan"), 0, 0]]),
+    torch.tensor([[0.0, 1, 2], [0, float("-inf"), 0]]),
+    torch.tensor([[0.0, 1, 2], [0, 0, 1e39]], dtype=torch.float64),  # finite, but inf in float32
+], ids=["nan", "inf", "float64-overflow"])
+@pytest.mark.parametrize("method", ["update", "neighbours"])
+def test_non_finite_codes_are_refused(codes, method):
+    bank = CodeBank(10, 3)
+    before = snapshot(bank)
+    with pytest.raises(ValueError, match="codes must be finite in the bank's dtype torch.float32: row 1"):
+        getattr(bank, method)(torch.tensor([4, 7]), codes)
+    assert_same_state(before, snapshot(bank))
+    assert bool(torch.isfinite(bank.codes).all())
+
+
+def test_non_finite_state_dict_is_refused():
+    state = CodeBank(10, 3).state_dict()
+    state["codes"][2, 1] = float("nan")
+    bank = CodeBank(10, 3, seed=1)
+    with pytest.raises(ValueError, match="codes holds NaN or inf"):
+        bank.load_state_dict(state)
+    assert bool(torch.isfinite(bank.codes).all())
+
+
+def test_no_finite_candidate_is_a_clear_error():
+    """Only a direct write into the buffer can leave a query without a finite candidate; the
+    error says so (it once was a bare IndexError) and the call leaves the bank as it was."""
+    bank = CodeBank(6, 2)
+    bank.codes[1:] = float("nan")
+    before = bank.codes[0].clone()
+    with pytest.raises(RuntimeError, match=r"query 0 of the batch \(row 0\) has no candidate"):
+        bank.neighbours(torch.tensor([0]), torch.zeros(1, 2))
+    assert torch.equal(bank.codes[0], before) and not bool(bank.used.any()) and bank.fallbacks == 0
+
+
+@pytest.mark.parametrize(("args", "kwargs", "err", "match"), [
+    ((10.5, 4), {}, TypeError, "num_codes must be an int, got float"),
+    ((True, 4), {}, TypeError, "num_codes must be an int, got bool"),
+    ((10, 4.0), {}, TypeError, "code_dim must be an int, got float"),
+    ((10, 0), {}, ValueError, "code_dim must be >= 1, got 0"),
+    ((10, 4), {"k": 2.5}, TypeError, "k must be an int"),
+    ((10, 4), {"k": 2000}, ValueError, "k=2000 is above"),
+    ((10, 4), {"seed": "1"}, TypeError, "seed must be an int, got str"),
+    ((10, 4), {"seed": 1.0}, TypeError, "seed must be an int, got float"),
+    ((10, 4), {"max_search_k": 9.0}, TypeError, "max_search_k must be an int"),
+    ((10, 4), {"headroom": 1.5}, TypeError, "headroom must be an int"),
+    ((10, 4), {"shard": (0.0, 5)}, TypeError, r"shard\[0\] must be an int"),
+    ((10, 4), {"shard": 5}, TypeError, "shard must be a"),
+])
+def test_constructor_arguments_are_checked(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        CodeBank(*args, **kwargs)
+
+
+def test_constructor_takes_any_integer():
+    import numpy as np
+
+    bank = CodeBank(np.int64(10), torch.tensor(3), k=np.int32(2), seed=np.uint8(4), headroom=np.int16(1))
+    assert (bank.num_codes, bank.code_dim, bank.k, bank.seed, bank.headroom) == (10, 3, 2, 4, 1)
+    assert all(type(v) is int for v in (bank.num_codes, bank.code_dim, bank.k, bank.seed, bank.headroom))
+
+
+@pytest.mark.parametrize(("index", "err", "match"), [
+    (__import__("numpy").array([0, 1]), TypeError,
+     r"index must be a torch.Tensor, got numpy.ndarray; use torch.as_tensor\(index\)"),
+    ([0, 1], TypeError, r"index must be a torch.Tensor, got list"),
+    (torch.tensor([0, 1], dtype=torch.int32), TypeError, r"int64 tensor, got torch.int32; use index.long\(\)"),
+    (torch.tensor([[0, 1]]), ValueError, r"index must be 1-D \[B\], got shape \(1, 2\)"),
+])
+def test_index_errors_say_what_is_wrong(index, err, match):
+    bank = CodeBank(10, 3)
+    with pytest.raises(err, match=match):
+        bank.update(index, torch.zeros(2, 3))
+    with pytest.raises(TypeError, match=r"codes must be a torch.Tensor, got numpy.ndarray"):
+        bank.neighbours(torch.tensor([0, 1]), __import__("numpy").zeros((2, 3), dtype="float32"))

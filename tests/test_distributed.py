@@ -319,6 +319,69 @@ def test_resume_restores_the_rng_state(tmp_path, one_rank, name):
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 16: ranks started with different arguments or data fail at once, every one of them
+
+# case: (rank 1's config changes, whether rank 1's training images differ, rank 1's resume dict)
+MISMATCH_CASES = {
+    "lr and batch size": ({"lr": 2e-3, "batch_size": 4}, False, None),  # once: silently wrong, exit 0
+    "k": ({"k": 2}, False, None),                                      # once: SIGABRT inside Gloo
+    "steps and interval": ({"steps": 6, "checkpoint_every": 2}, False, None),  # once: the timeout
+    "data": ({}, True, None),                                          # one pixel of one image
+    "resumed": ({}, False, {"position": {"pass_index": 0, "offset": 8, "step": 1}}),
+}
+MISMATCH_FIELDS = {"lr and batch size": "batch_size, lr", "k": "k", "steps and interval": "steps, checkpoint_every",
+                   "data": "training data", "resumed": "resumed position"}
+
+
+def test_ranks_with_different_arguments_fail_together(tmp_path):
+    import json
+
+    done = launch("mismatch", 2, tmp_path)
+    assert_ok(done)  # each case raised RunMismatch on both ranks (and nothing hung or aborted)
+    for r in range(2):
+        messages = json.loads((tmp_path / f"mismatch_rank{r}.json").read_text())
+        assert messages.keys() == MISMATCH_CASES.keys(), r
+        for case, fields in MISMATCH_FIELDS.items():
+            assert f"rank 0 and rank(s) [1] differ in {fields} (on this rank, {r}:" in messages[case], messages[case]
+    theirs = json.loads((tmp_path / "mismatch_rank1.json").read_text())
+    assert "batch_size=4, lr=0.002" in theirs["lr and batch size"]
+    assert not os.path.exists(tmp_path / "checkpoint.pt")  # no rank trained a step
+
+
+def test_command_ranks_with_different_options_exit_with_one_line(tmp_path):
+    """Two acn-train processes of one run (the environment torchrun sets), rank 1 with another
+    --lr: both exit with status 2 and one line naming lr."""
+    import socket
+
+    data = tiny_data(TRAIN["n"])
+    torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "acn_kernels.acn.cli", "--data", str(tmp_path / "data.pt"), "--steps", "2",
+           "--batch-size", "8", "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs.append(subprocess.Popen([*cmd, *(["--lr", "0.002"] if rank else [])], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=HARD_LIMIT_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, err) in enumerate(zip(procs, errs, strict=True)):
+        assert p.returncode == 2, err[-3000:]
+        assert err.startswith("acn-train: error: the ranks were started with different arguments or data: rank 0 "
+                              "and rank(s) [1] differ in lr") and err.count("\n") == 1, err[-3000:]
+        assert ("lr=0.002" if rank else "lr=0.001") in err
+
+
+# ------------------------------------------------------------------------------------------------
 # The ranks
 
 
@@ -364,6 +427,28 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
             model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
             resume = load_checkpoint(f"{folder}/{CHECKPOINT}") if extra[1:] == ["resume"] else None
             train(model, data, config, folder, resume=resume, progress=False, runtime=runtime)
+        elif scenario == "mismatch":
+            import json
+
+            from acn_kernels.acn.distributed import RunMismatch
+
+            messages = {}
+            for case, (options, data_edit, resume) in MISMATCH_CASES.items():
+                data, config = tiny_data(TRAIN["n"]), tiny_config(4)
+                if rank == 1:
+                    for name, value in options.items():
+                        setattr(config, name, value)
+                    if data_edit:
+                        data.train_x[3, 0, 5, 5] = 1 - data.train_x[3, 0, 5, 5]
+                runtime = DistributedRuntime()
+                model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
+                try:
+                    train(model, data, config, folder, resume=resume if rank == 1 else None, progress=False,
+                          runtime=runtime)
+                except RunMismatch as e:
+                    messages[case] = str(e)
+            with open(f"{folder}/mismatch_rank{rank}.json", "w") as f:
+                json.dump(messages, f)
         elif scenario == "fail" and extra[0] == "train":
             data, config = tiny_data(TRAIN["n"]), tiny_config(4)
             runtime = DistributedRuntime()

@@ -96,7 +96,7 @@ def test_read_idx_types_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not an IDX file"):
         acn_data.read_idx(tmp_path / "c")
     (tmp_path / "d").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
-    with pytest.raises(ValueError, match="truncated IDX file \(expected 10 more bytes, found 3\)"):
+    with pytest.raises(ValueError, match=r"truncated IDX file \(expected 10 more bytes, found 3\)"):
         acn_data.read_idx(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="train-images"):
         acn_data.load_mnist_idx(tmp_path)
@@ -184,7 +184,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"v": torch.arange(5)}, path)
     monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was removed
 
 
@@ -203,7 +203,7 @@ def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
-    assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
 
 
 def test_bad_checkpoint_version(tmp_path):
@@ -288,3 +288,192 @@ def test_epochs_zero_means_no_limit(tiny, tmp_path):
                            "--no-progress", "--no-report"]) == 0
     ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
     assert ckpt["position"]["step"] == 5 and len(ckpt["history"]) == 2 and ckpt["config"]["epochs"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: a resumed position is checked against the data; the loop cannot spin on empty batches
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) if the test body runs past 60 s."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError("the training loop did not end")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def resume_on(data, ckpt, *, epochs=2, model="acn"):
+    config = TrainConfig(**{**ckpt["config"], "epochs": epochs, "steps": None, "minutes": None})
+    net = config.build(data.train_x.shape[0], data.image_shape)
+    return train.train(net, data, config, None, resume=ckpt, progress=False)
+
+
+@pytest.mark.parametrize("model", ["acn", "vae"])
+def test_resume_on_data_that_grew_is_refused(tiny, tmp_path, no_hang, model):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2, model=model)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    grown = acn_data.ImageData(torch.cat([tiny.train_x, tiny.train_x[:20]]), None, tiny.test_x, None)
+    with pytest.raises(CheckpointError, match="covers 200 examples but the training data has 220"):
+        resume_on(grown, ckpt)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    ({"offset": 500}, r"offset must lie in \[0, 200\), got 500"),
+    ({"offset": 200}, r"offset must lie in \[0, 200\)"),
+    ({"offset": -64}, r"offset must lie in \[0, 200\)"),
+    ({"order": torch.arange(200)}, "order is not pass 0's order of 200 examples with seed 0"),
+    ({"order": torch.zeros(200, dtype=torch.int64)}, "order is not pass 0's order"),
+    ({"order": torch.arange(200).float()}, "order must be a 1-D int64 tensor"),
+    ({"pass_index": -1}, "pass_index must be >= 0"),
+    ({"step": -3}, "step must be >= 0"),
+    ({"sums": torch.zeros(3)}, r"sums must be a float64 tensor of shape \[4\]"),
+], ids=["offset-beyond", "offset-n", "offset-negative", "order-not-permuted", "order-not-permutation",
+        "order-float", "pass-negative", "step", "sums"])
+def test_inconsistent_position_is_refused(tiny, tmp_path, no_hang, edit, match):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2, model="vae")
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"].update(edit)
+    with pytest.raises(CheckpointError, match=match):
+        resume_on(tiny, ckpt)
+
+
+def test_position_and_model_at_different_passes_are_refused(tiny, tmp_path):
+    from acn_kernels.acn import rng
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"].update(pass_index=3, order=rng.permutation(0, 3, 200))  # a valid order of pass 3
+    with pytest.raises(CheckpointError, match="position is at pass 3 but its model state at pass 0"):
+        resume_on(tiny, ckpt)
+
+
+def test_state_that_does_not_fit_is_a_checkpoint_error(tiny, tmp_path):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    run(tiny, str(tmp_path), steps=2)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["config"]["code_dim"] = 8
+    with pytest.raises(CheckpointError, match="state does not fit the model"):
+        resume_on(tiny, ckpt)
+
+
+def test_the_loop_cannot_spin_on_empty_batches(tiny, tmp_path, no_hang, monkeypatch):
+    """Even with the position check bypassed, an empty batch ends the run with an error."""
+    run(tiny, str(tmp_path), steps=2, model="vae")
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    ckpt["position"]["offset"] = 500
+    monkeypatch.setattr(train, "check_position", lambda *args: None)
+    with pytest.raises(RuntimeError, match="no examples left at offset 500 of pass 0"):
+        resume_on(tiny, ckpt)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("batch_size", 0), ("batch_size", -5), ("batch_size", 2.0), ("k", 0), ("code_dim", True),
+    ("checkpoint_every", -1), ("epochs", -1), ("steps", 1.5), ("lr", float("nan")), ("lr", 0.0),
+    ("minutes", -1.0), ("seed", -1),
+])
+def test_config_out_of_range_is_refused(tiny, no_hang, field, value):
+    config = TrainConfig(batch_size=64, minutes=None, epochs=1)
+    model = config.build(200, tiny.image_shape)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        train.train(model, tiny, config, None, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: checkpoints carry a content digest and are checked against their schema
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory) -> str:
+    """A real checkpoint (an ACN after 2 steps)."""
+    out = tmp_path_factory.mktemp("saved")
+    run(tiny, str(out), steps=2)
+    return str(out / CHECKPOINT)
+
+
+def test_checkpoint_holds_a_digest_of_its_content(saved):
+    from acn_kernels.acn.checkpoint import content_digest
+
+    raw = torch.load(saved, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION == 2 and raw["sha256"] == content_digest(raw)
+    ckpt = load_checkpoint(saved)
+    assert "sha256" not in ckpt and content_digest(ckpt) == raw["sha256"]  # verified, then removed
+
+
+def test_flipped_bytes_are_refused(saved, tmp_path):
+    """One bit of the bank's codes changed in the file: torch.load itself does not notice."""
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    blob = bytearray(open(saved, "rb").read())
+    codes = torch.load(saved, weights_only=True)["model"]["bank.codes"]
+    at = bytes(blob).find(codes[:4].numpy().tobytes())
+    assert at > 0
+    blob[at + 5] ^= 0x01
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(blob))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["bank.codes"], codes)  # loads silently
+    with pytest.raises(CheckpointError, match=r"flipped.pt: the content does not match its digest"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "junk"])
+def test_unreadable_files_are_checkpoint_errors(saved, tmp_path, cut):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    blob = open(saved, "rb").read()
+    path = tmp_path / "bad.pt"
+    path.write_bytes({"empty": b"", "half": blob[: len(blob) // 2], "junk": b"junk" * 50}[cut])
+    with pytest.raises(CheckpointError, match=r"bad.pt: not a readable checkpoint"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c.pop("position"), "not a complete checkpoint: no 'position'"),
+    (lambda c: c.pop("optimizer"), "no 'optimizer'"),
+    (lambda c: c["position"].pop("offset"), "no 'position.offset'"),
+    (lambda c: c["rng"].pop("torch"), "no 'rng.torch'"),
+    (lambda c: c["optimizer"].pop("param_groups"), "no 'optimizer.param_groups'"),
+    (lambda c: c["position"].update(offset="3"), "position.offset must be int, got str"),
+    (lambda c: c["position"].update(step=True), "position.step must be int, got bool"),
+    (lambda c: c.update(history={}), "history must be list, got dict"),
+    (lambda c: c.update(model=[]), "model must be dict, got list"),
+    (lambda c: c.update(world_size=0), "world_size must be >= 1"),
+    (lambda c: c["config"].update(hidden=3), r"config has unknown fields \['hidden'\]"),
+    (lambda c: c["config"].update(batch_size=0), "config: TrainConfig.batch_size must be"),
+], ids=["position", "optimizer", "offset", "rng", "param_groups", "offset-str", "step-bool", "history",
+        "model", "world_size", "config-unknown", "config-range"])
+def test_schema_is_checked(saved, tmp_path, edit, match):
+    from acn_kernels.acn.checkpoint import CheckpointError
+
+    ckpt = load_checkpoint(saved)
+    edit(ckpt)
+    path = str(tmp_path / "edited.pt")
+    save_checkpoint(ckpt, path)  # a valid digest: only the schema can refuse it
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(path)
+    assert "edited.pt" in str(info.value)
+
+
+def test_format_1_loads_with_a_warning_and_resumes(tiny, saved, tmp_path):
+    raw = torch.load(saved, weights_only=True)
+    del raw["sha256"]
+    raw["format_version"] = 1
+    torch.save(raw, tmp_path / "v1.pt")
+    with pytest.warns(UserWarning, match="format 1 has no content digest"):
+        ckpt = load_checkpoint(str(tmp_path / "v1.pt"))
+    assert ckpt["position"]["step"] == 2
+    _, hist = run(tiny, str(tmp_path / "resumed"), steps=4, resume=ckpt)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["format_version"] == 2

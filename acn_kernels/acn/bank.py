@@ -11,13 +11,13 @@ search every shard.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_exclude_index, check_k
+from ..checks import check_exclude_index, check_int, check_k
 from ..ops import MAX_K, MaskedTopK, masked_topk
 from . import rng
 
@@ -31,6 +31,12 @@ def initial_codes(seed: int, rows: torch.Tensor, code_dim: int) -> torch.Tensor:
     return rng.normal(seed, rng.BANK_INIT, 0, rows, code_dim, torch.float32)
 
 
+def _type_name(x: object) -> str:
+    """``numpy.ndarray`` for a numpy array, ``list`` for a list: what a type error says was given."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
 class Neighbours(NamedTuple):
     """Result of :meth:`CodeBank.neighbours`: codes [B, D] (the picked rows' stored codes, in the
     bank's dtype, no gradient) and rows [B] int64 (which bank row each query picked)."""
@@ -42,7 +48,8 @@ class Neighbours(NamedTuple):
 class CodeBank(nn.Module):
     """Codes of every training example [N, D] and the rows used as neighbours in the current pass.
 
-    Args:
+    Args (the integers may be Python, numpy or 0-dim integer tensors, not bools; a bad one raises
+    TypeError or ValueError naming it):
         num_codes: N, the number of training examples (rows), at least 2.
         code_dim: D.
         k: K, how many nearest eligible rows each query draws its neighbour from (default 5).
@@ -93,25 +100,33 @@ class CodeBank(nn.Module):
         shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        num_codes, code_dim = check_int(num_codes, "num_codes"), check_int(code_dim, "code_dim")
         if num_codes < 2:
             raise ValueError(f"num_codes must be >= 2 (a row cannot be its own neighbour), got {num_codes}")
         if code_dim < 1:
             raise ValueError(f"code_dim must be >= 1, got {code_dim}")
-        if not 1 <= k <= MAX_K:
-            raise ValueError(f"k must lie in [1, MAX_K={MAX_K}], got {k}")
+        k = check_k(k, MAX_K)
+        max_search_k = check_int(max_search_k, "max_search_k")
         if not k <= max_search_k <= MAX_K:
             raise ValueError(f"max_search_k must lie in [k={k}, MAX_K={MAX_K}], got {max_search_k}")
-        if headroom is not None and headroom < 0:
-            raise ValueError(f"headroom must be >= 0 or None, got {headroom}")
-        start, end = (0, num_codes) if shard is None else shard
+        if headroom is not None:
+            headroom = check_int(headroom, "headroom")
+            if headroom < 0:
+                raise ValueError(f"headroom must be >= 0 or None, got {headroom}")
+        if shard is None:
+            start, end = 0, num_codes
+        elif not isinstance(shard, tuple | list) or len(shard) != 2:
+            raise TypeError(f"shard must be a (start, end) pair or None, got {type(shard).__name__}")
+        else:
+            start, end = check_int(shard[0], "shard[0]"), check_int(shard[1], "shard[1]")
         if not 0 <= start <= end <= num_codes:
             raise ValueError(f"shard must be (start, end) with 0 <= start <= end <= num_codes={num_codes}, "
                              f"got {shard}")
-        self.num_codes, self.code_dim, self.k, self.seed = int(num_codes), int(code_dim), int(k), int(seed)
-        self.max_search_k = int(max_search_k)
-        self.headroom = self.k if headroom is None else int(headroom)
+        self.num_codes, self.code_dim, self.k, self.seed = num_codes, code_dim, k, check_int(seed, "seed")
+        self.max_search_k = max_search_k
+        self.headroom = self.k if headroom is None else headroom
         self.backend = backend
-        self.start, self.end = int(start), int(end)
+        self.start, self.end = start, end
         self.pass_index = 0
         self.fallbacks = 0
         rows = torch.arange(self.start, self.end, device=device)
@@ -131,6 +146,12 @@ class CodeBank(nn.Module):
         self.fallbacks = int(state["fallbacks"])
         self.seed = int(state["seed"])
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        codes = state_dict.get(prefix + "codes")
+        if isinstance(codes, torch.Tensor) and codes.is_floating_point() and not bool(torch.isfinite(codes).all()):
+            raise ValueError(f"{prefix}codes holds NaN or inf: a bank never stores a non-finite code")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def new_pass(self) -> None:
         """Start the next pass through the data: clear the used mask, advance the pass index."""
         self.used.zero_()
@@ -148,16 +169,20 @@ class CodeBank(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Argument checks
 
-    def _check(self, index: torch.Tensor, codes: torch.Tensor | None, *, finite: bool) -> None:
-        if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
-            raise TypeError(f"index must be a 1-D int64 tensor, got {getattr(index, 'dtype', type(index))} "
-                            f"with shape {tuple(getattr(index, 'shape', ()))}")
+    def _check(self, index: torch.Tensor, codes: torch.Tensor | None) -> None:
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be a torch.Tensor, got {_type_name(index)}; use torch.as_tensor(index)")
+        if index.dtype != torch.int64:
+            raise TypeError(f"index must be an int64 tensor, got {index.dtype}; use index.long()")
+        if index.dim() != 1:
+            raise ValueError(f"index must be 1-D [B], got shape {tuple(index.shape)}")
         if index.device != self.codes.device:
             raise ValueError(f"index is on {index.device} but the bank is on {self.codes.device}")
         if codes is not None:
-            if not isinstance(codes, torch.Tensor) or not codes.is_floating_point():
-                got = getattr(codes, "dtype", type(codes))
-                raise TypeError(f"codes must be a floating-point tensor, got {got}")
+            if not isinstance(codes, torch.Tensor):
+                raise TypeError(f"codes must be a torch.Tensor, got {_type_name(codes)}; use torch.as_tensor(codes)")
+            if not codes.is_floating_point():
+                raise TypeError(f"codes must be a floating-point tensor, got {codes.dtype}")
             if codes.dim() != 2 or codes.shape[1] != self.code_dim:
                 raise ValueError(
                     f"codes must have shape [B, code_dim={self.code_dim}], got {tuple(codes.shape)}"
@@ -166,8 +191,11 @@ class CodeBank(nn.Module):
                 raise ValueError(f"codes has {codes.shape[0]} rows but index has {index.shape[0]}")
             if codes.device != self.codes.device:
                 raise ValueError(f"codes is on {codes.device} but the bank is on {self.codes.device}")
-            if finite and not bool(torch.isfinite(codes).all()):
-                raise ValueError("codes must be finite (a NaN or inf code has no neighbours)")
+            # Checked as stored: a float64 code beyond float32's range becomes inf in the bank.
+            bad = ~torch.isfinite(codes.detach().to(self.codes.dtype)).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"codes must be finite in the bank's dtype {self.codes.dtype}: row "
+                                 f"{int(bad.nonzero()[0])} holds NaN or inf (a bank never stores a non-finite code)")
         if index.numel():
             # One host sync on GPU (as masked_topk's own index check).
             lo, hi = int(index.min()), int(index.max())
@@ -248,8 +276,12 @@ class CodeBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, codes: torch.Tensor) -> None:
-        """Write fresh codes [B, D] (detached, cast to float32) into rows ``index`` [B] int64."""
-        error = self._error(lambda: self._check(index, codes, finite=False))
+        """Write fresh codes [B, D] (detached, cast to float32) into rows ``index`` [B] int64.
+
+        The same checks as :meth:`neighbours`: a code that is NaN or inf once cast to the bank's
+        dtype (a float64 value beyond float32's range included) raises ValueError, and nothing
+        is written."""
+        error = self._error(lambda: self._check(index, codes))
         g_index, g_codes, _ = self._global_batch(error, index, codes)
         self._write(g_index, g_codes)
 
@@ -274,13 +306,16 @@ class CodeBank(nn.Module):
 
         Args:
             index: [B] int64, distinct rows in [0, N): the batch's examples.
-            codes: [B, D] floating point: their fresh codes (written detached, as float32).
+            codes: [B, D] floating point: their fresh codes (written detached, as float32), finite
+                once cast to float32 (else ValueError).
 
         Returns:
             :class:`Neighbours` (codes [B, D] float32, rows [B] int64). The picked rows are marked
-            used. A call that raises leaves the bank as it was.
+            used. A call that raises leaves the bank as it was. Every other row being non-finite
+            (only possible if ``codes`` was written directly: the bank's own writes refuse NaN and
+            inf) leaves a query without a candidate: RuntimeError.
         """
-        error = self._error(lambda: self._check(index, codes, finite=True))
+        error = self._error(lambda: self._check(index, codes))
         g_index, g_codes, mine = self._global_batch(error, index, codes)
         old = self._write(g_index, g_codes)
         try:
@@ -341,6 +376,9 @@ class CodeBank(nn.Module):
             cand = self._candidates(queries[sel], min(k, n - 1), None, index[sel]).cpu().numpy()
             for j, q in enumerate(pending):
                 mine = [int(r) for r in cand[j] if r >= 0]
+                if not mine:  # update/neighbours/load_state_dict never store one: written directly
+                    raise RuntimeError(f"query {q} of the batch (row {int(index[q])}) has no candidate: every "
+                                       "other row of the bank holds a non-finite code")
                 rows[q] = mine[int(u[q] * len(mine))]
         return torch.from_numpy(rows).to(index.device), used, len(pending)
 

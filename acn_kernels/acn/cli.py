@@ -8,25 +8,130 @@ acn_kernels.acn.cli [options]`` runs :func:`train_main` on every rank (docs/dist
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
-from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint
+from ..ops import MAX_K
+from .checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_state,
+    remove_stale_temporaries,
+    write_json,
+)
 from .config import TrainConfig
-from .distributed import process_group
+from .data import ImageData
+from .distributed import RunMismatch, process_group
 from .evaluate import baselines, write_report
 from .likelihood import LIKELIHOODS
+from .models import ACN, VAE
 from .train import Runtime, train
+
+# ------------------------------------------------------------------------------------------------
+# Option values: every numeric option is checked by its argparse type, so a bad value ends in one
+# line naming the flag ("acn-train: error: argument --batch-size: ...", exit status 2).
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message`` and exit status 2 (the usage is
+    left to ``--help``). Tracebacks are left to bugs."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return value
+    return parse
+
+
+def number(*, positive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float, > 0 (``positive``) or >= 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+    return parse
+
+
+positive_int, nonneg_int = integer(1), integer(0)
+positive_float, nonneg_float = number(positive=True), number(positive=False)
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: "cpu", "cuda" or "cuda:N", a GPU only where one is available."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available to this process "
+                                             "(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this process sees {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
+def data_arg(text: str) -> str:
+    """An argparse type: "mnist5k", or a folder or file that exists (its content is checked by
+    :func:`~acn_kernels.acn.data.load`)."""
+    if text != "mnist5k" and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder (expected 'mnist5k', a folder of "
+                                         "MNIST IDX files or a .pt file)")
+    return text
+
+
+def load_data(p: argparse.ArgumentParser, config: TrainConfig) -> ImageData:
+    """:meth:`TrainConfig.load_data`, a file it cannot use ending in ``p.error``."""
+    try:
+        return config.load_data()
+    except (OSError, ValueError, TypeError) as e:
+        p.error(f"argument --data: {e}")
+
+
+def build(p: argparse.ArgumentParser, config: TrainConfig, data: ImageData) -> ACN | VAE:
+    """``config.build`` on the CPU for ``data``, model options that do not fit the data ending in
+    ``p.error``."""
+    try:
+        return config.build(data.train_x.shape[0], data.image_shape)
+    except ValueError as e:
+        p.error(f"the model options do not fit the data ({config.data}, images {data.image_shape}): {e}")
+
+
+MODEL_OPTIONS = ("model", "encoder", "decoder", "data", "likelihood", "logistic_components", "code_dim", "k",
+                 "components", "batch_size", "lr", "seed")
+"""The options that define the model and its training (TrainConfig fields): a resumed run takes
+them from its checkpoint, so given with ``--resume`` they must agree with it. Their parser
+default is None ("not given"); TrainConfig's defaults apply to a new run."""
 
 
 def parser() -> argparse.ArgumentParser:
     """The parser of ``acn-train``'s options (one for every entry point)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="acn-train",
         description="Train an Associative Compression Network (or the VAE baseline) on binarised images "
         "(or 8-bit grey-level or colour ones, see --likelihood), then write reconstructions, daydreams, "
@@ -34,46 +139,58 @@ def parser() -> argparse.ArgumentParser:
         "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes or 40 passes, whichever ends "
         "first, into runs/acn-default.",
     )
-    p.add_argument("--model", choices=["acn", "vae"], default=d.model)
-    p.add_argument("--encoder", choices=["mlp", "conv"], default=d.encoder)
-    p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], default=d.decoder)
-    p.add_argument("--data", default=d.data,
+    p.add_argument("--model", choices=["acn", "vae"], help=f"default {d.model}")
+    p.add_argument("--encoder", choices=["mlp", "conv"], help=f"default {d.encoder}")
+    p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], help=f"default {d.decoder}")
+    p.add_argument("--data", type=data_arg,
                    help="'mnist5k' (embedded default: 0-255 digits), a folder of MNIST IDX files (.gz or raw), "
                    "a folder of images (PNG, JPEG, ...; grey or RGB; optional train/ and test/, and class "
                    "subfolders), or a .pt file with a dict of tensors train_x [, train_y, test_x, test_y]. "
                    "With the bernoulli likelihood 8-bit sources are binarised at 128 and tensors must hold "
                    "0/1; with the others images are 8-bit (uint8 0-255 or floats k/255)")
-    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=d.likelihood,
-                   help="the decoder's pixel likelihood: bernoulli (binarised images, the default), logistic "
-                   "(8-bit: a mixture of discretised logistics, PixelCNN++'s) or categorical (8-bit: 256-way "
-                   "softmax; large output layers)")
-    p.add_argument("--logistic-components", type=int, default=d.logistic_components,
-                   help="mixture components per pixel of the logistic likelihood")
-    p.add_argument("--code-dim", type=int, default=d.code_dim)
-    p.add_argument("--k", type=int, default=d.k, help="neighbours to draw from (K)")
-    p.add_argument("--components", type=int, default=d.components, help="prior mixture components (M)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=float, default=d.minutes,
-                   help="wall-clock training budget of this invocation (0 or less: none)")
-    p.add_argument("--epochs", type=int, default=40,
+    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS),
+                   help=f"the decoder's pixel likelihood: bernoulli (binarised images, the default {d.likelihood}), "
+                   "logistic (8-bit: a mixture of discretised logistics, PixelCNN++'s) or categorical (8-bit: "
+                   "256-way softmax; large output layers)")
+    p.add_argument("--logistic-components", type=positive_int,
+                   help=f"mixture components per pixel of the logistic likelihood (default {d.logistic_components})")
+    p.add_argument("--code-dim", type=positive_int, help=f"code size D (default {d.code_dim})")
+    p.add_argument("--k", type=integer(1, MAX_K), help=f"neighbours to draw from (K, 1 to {MAX_K}; default {d.k})")
+    p.add_argument("--components", type=positive_int, help=f"prior mixture components (M; default {d.components})")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=positive_float, help=f"Adam's learning rate (default {d.lr})")
+    p.add_argument("--seed", type=integer(0, 2**64 - 1), help=f"default {d.seed}")
+    p.add_argument("--minutes", type=nonneg_float, default=d.minutes,
+                   help="wall-clock training budget of this invocation (0: none)")
+    p.add_argument("--epochs", type=nonneg_int, default=40,
                    help="total passes through the data (default 40: the embedded 4,000 training digits "
-                   "overfit beyond about 40 passes; 0 or less: no limit)")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   "overfit beyond about 40 passes; 0: no limit)")
+    p.add_argument("--steps", type=nonneg_int, default=0, help="total optimiser steps (0, the default: no limit)")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=d.checkpoint_every,
                    help="steps between mid-pass checkpoints (0: pass ends only)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--device", type=device_arg, default=d.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads (default 1: the default model's small matrices gain little from more, "
                    "and on a busy machine extra threads that compete for cores slow every step many-fold)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<model>-default)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/<model>-default; with --resume CHECKPOINT, its folder)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default <out>/checkpoint.pt); the model options are "
-                   "taken from it, the budget options from this command line")
+                   help="continue from CHECKPOINT (default <out>/checkpoint.pt) in its folder (or --out); the "
+                   "model options (--model ... --seed) are taken from it and, if given, must agree with it; "
+                   "the budget options (--minutes, --epochs, --steps, --checkpoint-every, --device, --threads) "
+                   "come from this command line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the image grids after training")
     return p
+
+
+def _same_option(name: str, given: object, saved: object) -> bool:
+    """Whether a model option given with --resume agrees with the checkpoint's value (a data path
+    may be spelt another way)."""
+    if given == saved:
+        return True
+    return (name == "data" and isinstance(saved, str) and os.path.exists(str(given)) and os.path.exists(saved)
+            and os.path.samefile(str(given), saved))
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -83,39 +200,58 @@ def train_main(argv: list[str] | None = None) -> int:
     is data-parallel (:mod:`acn_kernels.acn.distributed`): ``--batch-size`` is the global batch,
     ``--device cuda`` means this rank's GPU (NCCL; Gloo on CPUs), rank 0 writes every file.
     """
-    args = parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("runs", f"{args.model}-default")
-    resume = None
-    if args.resume is not None:
-        resume = load_checkpoint(os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume)
-        config = TrainConfig(**resume["config"])
+    p = parser()
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    given = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
+    resume = resume_path = None
+    if args.resume is None:
+        config = TrainConfig(**given)
+        out = args.out or os.path.join("runs", f"{config.model}-default")
     else:
-        config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
-                             code_dim=args.code_dim, k=args.k, components=args.components,
-                             likelihood=args.likelihood, logistic_components=args.logistic_components,
-                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    config.epochs = args.epochs if args.epochs is not None and args.epochs > 0 else None
-    config.steps = args.steps
-    config.minutes = args.minutes if args.minutes and args.minutes > 0 else None
+        if args.resume == "auto":
+            out = args.out or os.path.join("runs", f"{given.get('model', TrainConfig.model)}-default")
+            resume_path = os.path.join(out, CHECKPOINT)
+        else:  # resume in the checkpoint's own folder, not next to another run in runs/<model>-default
+            resume_path = args.resume
+            out = args.out or os.path.dirname(resume_path) or "."
+        if not os.path.isfile(resume_path):
+            p.error(f"argument --resume: {resume_path}: no such checkpoint")
+        try:
+            resume = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            p.error(f"argument --resume: {e}")
+        config = TrainConfig(**resume["config"])
+        conflicts = [f"--{name.replace('_', '-')} {value} (the checkpoint has {getattr(config, name)})"
+                     for name, value in given.items() if not _same_option(name, value, getattr(config, name))]
+        if conflicts:
+            p.error(f"argument --resume: {resume_path} fixes the model options, and these differ from it: "
+                    f"{'; '.join(conflicts)}; drop them, or start a new run (another --out)")
+    config.epochs, config.steps = args.epochs or None, args.steps or None
+    config.minutes = args.minutes or None
     config.checkpoint_every, config.device = args.checkpoint_every, args.device
     if config.epochs is None and config.steps is None and config.minutes is None:
-        print("acn-train: give a budget (--minutes, --epochs or --steps)", file=sys.stderr)
-        return 2
-    if "WORLD_SIZE" not in os.environ:
-        _train(config, out, resume, args, Runtime())
-        return 0
-    with process_group(args.device) as (runtime, device):
-        config.device = device
-        _train(config, out, resume, args, runtime)
+        p.error("give a budget: --minutes, --epochs or --steps (0 means no limit for each)")
+    # Everything the command line decides is checked before any process group exists.
+    data = load_data(p, config)
+    model = build(p, config, data)
+    try:
+        if "WORLD_SIZE" not in os.environ:
+            _train(model, data, config, out, resume, args, Runtime())
+            return 0
+        with process_group(args.device) as (runtime, device):
+            config.device = device
+            _train(model, data, config, out, resume, args, runtime)
+    except CheckpointError as e:  # the position or state of --resume's checkpoint does not fit
+        p.error(f"argument --resume: {resume_path}: {e}")
+    except RunMismatch as e:  # torchrun: this rank's command line, data or checkpoint is not rank 0's
+        p.error(str(e))
     return 0
 
 
-def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: argparse.Namespace,
-           runtime: Runtime) -> None:
-    data = config.load_data()
-    model = runtime.prepare(config.build(data.train_x.shape[0], data.image_shape).to(config.device))
+def _train(model: ACN | VAE, data: ImageData, config: TrainConfig, out: str, resume: dict[str, Any] | None,
+           args: argparse.Namespace, runtime: Runtime) -> None:
+    model = runtime.prepare(model.to(config.device))
     ranks = f" on {runtime.world_size} processes" if runtime.world_size > 1 else ""
     if runtime.writes:
         print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder, "
@@ -127,10 +263,12 @@ def _train(config: TrainConfig, out: str, resume: dict[str, Any] | None, args: a
     if not runtime.writes:
         return
     summary = write_report(whole, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
-    atomic_write(os.path.join(out, "metrics.json"), json.dumps({"history": history, "final": summary}, indent=1))
+    write_json(os.path.join(out, "metrics.json"), {"history": history, "final": summary})
     h = summary["heldout"]
-    print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
-          f"{h['test_recon']:.2f} ({h['test_bpd']:.4f} bits/dim); wrote {', '.join(sorted(os.listdir(out)))}")
+    nats = ("no held-out images" if h is None else
+            f"held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon {h['test_recon']:.2f} "
+            f"({h['test_bpd']:.4f} bits/dim)")
+    print(f"acn-train: {nats}; wrote {', '.join(sorted(os.listdir(out)))}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +283,8 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         rep = r.get("representation", {})
         nats = (f"{h['test_kl']:.2f} | {h['test_recon']:.2f} | {h['test_loss']:.2f} | {h['test_bpd']:.4f}"
                 if h else "- | - | - | -")
-        acc = " | ".join(f"{100 * rep[key]:.1f}%" if key in rep else "-" for key in ("linear_probe", "knn"))
+        acc = " | ".join(f"{100 * rep[key]:.1f}%" if rep.get(key) is not None else "-"
+                         for key in ("linear_probe", "knn"))
         lines.append(f"| {name} | {nats} | {acc} |")
     return "\n".join(lines)
 
@@ -153,28 +292,32 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 def eval_main(argv: list[str] | None = None) -> int:
     """``acn-eval RUN [RUN ...]``: evaluate trained runs (folders holding checkpoint.pt, or
     checkpoint files), with the raw-pixel and PCA references."""
-    p = argparse.ArgumentParser(prog="acn-eval", description=eval_main.__doc__)
+    p = Parser(prog="acn-eval", description=eval_main.__doc__)
     p.add_argument("runs", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (as acn-train's --threads)")
-    p.add_argument("--daydream-steps", type=int, default=10)
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (as acn-train's --threads)")
+    p.add_argument("--daydream-steps", type=nonneg_int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and PCA references")
     p.add_argument("--no-grids", action="store_true",
                    help="skip the image grids (slow for an autoregressive decoder: one pass per pixel)")
     args = p.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     results: dict[str, dict[str, Any]] = {}
     data = None
     for run in args.runs:
         path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
-        ckpt = load_checkpoint(path)
-        config = TrainConfig(**ckpt["config"])
-        data = config.load_data()
-        model = config.build(data.train_x.shape[0], data.image_shape)
-        model.load_state_dict(ckpt["model"])
+        if not os.path.isfile(path):
+            p.error(f"argument runs: {path}: no such checkpoint")
+        try:
+            ckpt = load_checkpoint(path)
+            config = TrainConfig(**ckpt["config"])
+            data = load_data(p, config)
+            model = build(p, config, data)
+            load_state(model, ckpt["model"], f"{path}: the model state")
+        except CheckpointError as e:
+            p.error(f"argument runs: {e}")
         model.to(args.device)
         name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(path)))
         res = write_report(model, data, os.path.join(args.out, name), seed=config.seed, device=args.device,
@@ -186,7 +329,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         for name, rep in baselines(data).items():
             results[name] = {"representation": rep}
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "eval.json"), json.dumps(results, indent=1))
+    remove_stale_temporaries(args.out)
+    write_json(os.path.join(args.out, "eval.json"), results)
     table = _table(results)
     atomic_write(os.path.join(args.out, "eval.md"), table + "\n")
     print(table)

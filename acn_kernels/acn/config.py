@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -39,6 +40,38 @@ class TrainConfig:
     minutes: float | None = 3.0
     checkpoint_every: int = 500
     device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of range: integers (not bools) ``code_dim``,
+        ``k``, ``components``, ``batch_size`` >= 1, ``checkpoint_every``, ``seed`` >= 0,
+        ``epochs`` and ``steps`` None or >= 0; ``lr`` finite > 0, ``minutes`` None or finite >= 0."""
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}"
+                                 f"{' or None' if optional else ''}, got {v!r}")
+
+        def number(name: str, positive: bool, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0
+                    or (positive and v == 0)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}"
+                                 f"{' or None' if optional else ''}, got {v!r}")
+
+        for name in ("code_dim", "k", "components", "batch_size", "logistic_components"):
+            integer(name, 1)
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"TrainConfig.likelihood must be one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
+        integer("checkpoint_every", 0)
+        integer("seed", 0)
+        integer("epochs", 0, optional=True)
+        integer("steps", 0, optional=True)
+        number("lr", positive=True)
+        number("minutes", positive=False, optional=True)
 
     def build(self, num_train: int, image_shape: tuple[int, int, int]) -> ACN | VAE:
         """The model this config describes, initialised from ``seed``."""

@@ -422,7 +422,12 @@ def load(spec: str, *, levels: int = 2) -> ImageData:
     if os.path.isdir(spec):
         return load_mnist_idx(spec, levels=levels) if _is_idx_folder(spec) else load_image_folder(spec, levels=levels)
     if os.path.isfile(spec):
-        blob = torch.load(spec, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file makes torch.load's unpickler raise almost anything
+            first = (str(e).splitlines() or [""])[0]
+            why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            raise ValueError(f"{spec}: not a readable .pt file ({why})") from e
         if not isinstance(blob, dict) or "train_x" not in blob:
             raise ValueError(f"{spec}: expected a dict with a 'train_x' tensor")
         unknown = set(blob) - {"train_x", "train_y", "test_x", "test_y"}

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,6 +54,11 @@ _REPORTED = "_acn_reported_to_peers"
 
 class PeerFailure(RuntimeError):
     """Raised on the healthy ranks when another rank of the group failed."""
+
+
+class RunMismatch(ValueError):
+    """Raised on every rank when the ranks of one run were started with different arguments,
+    training data or resumed positions (:meth:`DistributedRuntime.begin`)."""
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -324,6 +330,35 @@ class DistributedRuntime(Runtime):
             shard_model(model, self.group)
         return model
 
+    def begin(self, fields: Callable[[], dict[str, str]]) -> None:
+        """Collective, before any other: every rank's ``fields()`` (name -> short value), hashed to
+        one int64 per field and all-gathered; a field that differs from rank 0's raises
+        :class:`RunMismatch` on every rank, naming the fields, the ranks and this rank's values.
+        Without it, ranks with another lr or batch size train silently wrong, and ranks with
+        another K, data or budget abort inside a collective or wait for the timeout."""
+        error, values = None, {}
+        try:
+            values = fields()
+        except Exception as e:  # told to the peers first, then raised
+            error = e
+        counts = agree(error, len(values), group=self.group, device=self.device)
+        if len(set(counts.tolist())) > 1:
+            raise RunMismatch(f"the ranks compare {counts.tolist()} fields: they run different versions of acn-kernels")
+        digests = torch.tensor([int.from_bytes(hashlib.sha256(f"{k}={v}".encode()).digest()[:8], "little",
+                                               signed=True) for k, v in values.items()],
+                               dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(digests) for _ in range(self.world_size)]
+        dist.all_gather(every, digests, group=self.group)
+        table = torch.stack(every).cpu()
+        differ = (table != table[0]).any(0).tolist()
+        if any(differ):
+            names = [k for k, d in zip(values, differ, strict=True) if d]
+            ranks = (table != table[0]).any(1).nonzero().flatten().tolist()
+            mine = ", ".join(f"{k}={values[k]}" for k in names)
+            raise RunMismatch(f"the ranks were started with different arguments or data: rank 0 and rank(s) "
+                              f"{ranks} differ in {', '.join(names)} (on this rank, {self.rank}: {mine}); start "
+                              "every rank with the same options, data and checkpoint")
+
     def wrap(self, model: ACN | VAE) -> nn.Module:
         if isinstance(model, ACN) and not isinstance(model.bank, DistributedCodeBank):
             raise TypeError(f"model.bank must be a DistributedCodeBank (see DistributedRuntime.prepare), "
@@ -382,5 +417,5 @@ def process_group(device: str = "cpu") -> Iterator[tuple[DistributedRuntime, str
         dist.destroy_process_group()
 
 
-__all__ = ["DistributedCodeBank", "DistributedRuntime", "PassSampler", "PeerFailure", "agree", "process_group",
-           "rank_slice", "shard_model", "shard_range"]
+__all__ = ["DistributedCodeBank", "DistributedRuntime", "PassSampler", "PeerFailure", "RunMismatch", "agree",
+           "process_group", "rank_slice", "shard_model", "shard_range"]

@@ -21,6 +21,7 @@ import torch
 
 from ..ops import masked_topk
 from . import rng
+from .checkpoint import atomic_write, remove_stale_temporaries
 from .data import ImageData
 from .likelihood import bits_per_dim
 from .models import ACN, VAE
@@ -30,17 +31,21 @@ from .networks import decode_sample
 @torch.no_grad()
 def encode_all(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.device = "cpu",
                batch: int = 500) -> torch.Tensor:
-    """Codes [N, D] float32 (on ``device``) of images x [N, C, H, W], in batches."""
-    return torch.cat([model.encode(x[s : s + batch].to(device)).float() for s in range(0, x.shape[0], batch)])
+    """Codes [N, D] float32 (on ``device``) of images x [N, C, H, W], in batches (N = 0 too)."""
+    return torch.cat([model.encode(x[s : s + batch].to(device)).float()
+                      for s in range(0, max(x.shape[0], 1), batch)])
 
 
 @torch.no_grad()
 def heldout_terms(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.device = "cpu",
-                  batch: int = 500) -> dict[str, float]:
+                  batch: int = 500) -> dict[str, float] | None:
     """Mean held-out loss, KL and reconstruction nats per image and the loss in bits per
     dimension (channel and pixel, :func:`~acn_kernels.acn.likelihood.bits_per_dim`): {"test_loss",
-    "test_kl", "test_recon", "test_bpd"}. Draws are counter-based (pass 0 of the evaluation
-    streams, example index = position in x), so repeated calls agree."""
+    "test_kl", "test_recon", "test_bpd"}, or None if x holds no images (a mean of nothing). Draws
+    are counter-based (pass 0 of the evaluation streams, example index = position in x), so
+    repeated calls agree."""
+    if x.shape[0] == 0:
+        return None
     sums = torch.zeros(3, dtype=torch.float64)
     for s in range(0, x.shape[0], batch):
         xb = x[s : s + batch].to(device)
@@ -62,31 +67,52 @@ def heldout_terms(model: ACN | VAE, x: torch.Tensor, *, device: str | torch.devi
     return {"test_loss": loss, "test_kl": kl, "test_recon": recon, "test_bpd": bits_per_dim(loss, x.shape[1:])}
 
 
+def _unscored(reason: str) -> dict[str, float | str | None]:
+    return {"linear_probe": None, "knn": None, "reason": reason}
+
+
 def representation(train_feats: np.ndarray, train_y: np.ndarray, test_feats: np.ndarray,
-                   test_y: np.ndarray, *, k: int = 5) -> dict[str, float]:
+                   test_y: np.ndarray, *, k: int = 5) -> dict[str, float | str | None]:
     """Held-out accuracy of a linear probe (standardised features, logistic regression) and of a
-    k-NN classifier (Euclidean, k neighbours), both fitted on the training features."""
+    k-NN classifier (Euclidean, k neighbours), both fitted on the training features:
+    {"linear_probe", "knn"}. A score that cannot be defined is None, with a "reason": no held-out
+    examples, training labels of a single class, fewer training examples than k (k-NN only)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    classes = np.unique(train_y)
+    if len(test_y) == 0:
+        return _unscored("no held-out examples to score")
+    if len(classes) < 2:
+        return _unscored(f"the training labels hold a single class ({classes.tolist()}): a classifier needs two")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(train_feats, train_y)
-    knn = KNeighborsClassifier(n_neighbors=k).fit(train_feats, train_y)
-    return {"linear_probe": float(probe.score(test_feats, test_y)),
-            "knn": float(knn.score(test_feats, test_y))}
+    scores: dict[str, float | str | None] = {"linear_probe": float(probe.score(test_feats, test_y)), "knn": None}
+    if len(train_y) < k:
+        scores["reason"] = f"k-NN: {len(train_y)} training examples, fewer than k={k}"
+    else:
+        scores["knn"] = float(KNeighborsClassifier(n_neighbors=k).fit(train_feats, train_y).score(test_feats, test_y))
+    return scores
 
 
-def baselines(data: ImageData, pca_dim: int = 16) -> dict[str, dict[str, float]]:
-    """:func:`representation` of raw pixels and of a ``pca_dim``-component PCA of them."""
+def baselines(data: ImageData, pca_dim: int = 16) -> dict[str, dict[str, float | str | None]]:
+    """:func:`representation` of raw pixels and of a ``pca_dim``-component PCA of them (None
+    scores with a reason where fewer than ``pca_dim`` training images or pixels leave no such PCA)."""
     from sklearn.decomposition import PCA
 
     tr, te = data.train_x.flatten(1).numpy(), data.test_x.flatten(1).numpy()
     ytr, yte = data.train_y.numpy(), data.test_y.numpy()
-    pca = PCA(n_components=pca_dim, random_state=0).fit(tr)
-    return {"pixels": representation(tr, ytr, te, yte),
-            f"pca{pca_dim}": representation(pca.transform(tr), ytr, pca.transform(te), yte)}
+    out = {"pixels": representation(tr, ytr, te, yte)}
+    if min(tr.shape) < pca_dim:
+        out[f"pca{pca_dim}"] = _unscored(f"a {pca_dim}-component PCA needs {pca_dim} training images and pixels, "
+                                         f"got {tr.shape[0]} of {tr.shape[1]}")
+    else:
+        pca = PCA(n_components=pca_dim, random_state=0).fit(tr)
+        te_pca = pca.transform(te) if len(te) else np.zeros((0, pca_dim))
+        out[f"pca{pca_dim}"] = representation(pca.transform(tr), ytr, te_pca, yte)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,7 +134,8 @@ def save_grid(images: torch.Tensor, path: str) -> None:
             top, left = 2 + i * (h + 2), 2 + j * (w + 2)
             grid[:, top : top + h, left : left + w] = images[i, j].float().cpu()
     arr = grid[0].numpy() if ch == 1 else grid.permute(1, 2, 0).numpy()
-    plt.imsave(path, np.clip(arr, 0, 1), cmap="gray" if ch == 1 else None, vmin=0, vmax=1)
+    atomic_write(path, lambda f: plt.imsave(f, np.clip(arr, 0, 1), cmap="gray" if ch == 1 else None, vmin=0, vmax=1,
+                                            format="png"))
 
 
 @torch.no_grad()
@@ -143,16 +170,18 @@ def write_report(
     rows: int = 8,
 ) -> dict[str, Any]:
     """Write reconstructions.png, daydreams.png (ACN only) and neighbours.png into ``out_dir``
-    (when ``grids``) and return {"heldout": :func:`heldout_terms`, "representation":
-    :func:`representation` of the codes (when the data has labels)}."""
+    (when ``grids`` and there are held-out images to show) and return {"heldout":
+    :func:`heldout_terms` (None without held-out images), "representation": :func:`representation`
+    of the codes (when the data has labels)}."""
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     model.eval()
     summary: dict[str, Any] = {"heldout": heldout_terms(model, data.test_x, device=device)}
     if data.train_y is not None and data.test_y is not None:
         tr = encode_all(model, data.train_x, device=device).cpu().numpy()
         te = encode_all(model, data.test_x, device=device).cpu().numpy()
         summary["representation"] = representation(tr, data.train_y.numpy(), te, data.test_y.numpy())
-    if grids:
+    if grids and data.test_x.shape[0]:
         gen = torch.Generator(device=device).manual_seed(seed)
         x = data.test_x[:rows].to(device)
         rec = reconstructions(model, x, gen)

@@ -20,17 +20,28 @@ CPU it produces the same weights as an uninterrupted run with the same ``--steps
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import rng
-from .checkpoint import CHECKPOINT, atomic_write, build_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write,
+    build_checkpoint,
+    check_schema,
+    load_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_json,
+)
 from .config import TrainConfig
 from .data import ImageData
 from .evaluate import heldout_terms
@@ -59,7 +70,7 @@ def plot_history(history: list[dict[str, float]], path: str) -> None:
         ax.set_xlabel("pass")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -87,6 +98,11 @@ class Runtime:
     def prepare(self, model: ACN | VAE) -> ACN | VAE:
         """The model as this process trains it (a distributed run shards an ACN's bank)."""
         return model
+
+    def begin(self, fields: Callable[[], dict[str, str]]) -> None:
+        """Called by every process before anything else of a run: a distributed run compares
+        ``fields()`` (:func:`run_fields`) across its ranks and raises on every rank if they differ;
+        one process has nothing to compare (and does not call it)."""
 
     def wrap(self, model: ACN | VAE) -> nn.Module:
         """What the loop calls forward on (a distributed run: DistributedDataParallel)."""
@@ -146,6 +162,63 @@ class Position:
                    state["sums"].clone(), state["elapsed"])
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's dtype, shape and bytes (on the CPU, row-major)."""
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_fields(config: TrainConfig, data: ImageData, resume: dict[str, Any] | None) -> dict[str, str]:
+    """What every process of one run must agree on, as short strings: each field of ``config``
+    but ``device`` (which names each rank's own GPU), the training images (sha256 of
+    ``data.train_x``, :func:`tensor_digest`), and where a resumed run starts (pass, offset, step
+    and order of ``resume``'s position; "none" for a fresh run)."""
+    fields = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "device"}
+    fields["training data"] = f"sha256 {tensor_digest(data.train_x)[:16]}"
+    position = (resume or {}).get("position")
+    if isinstance(position, dict):
+        order = position.get("order")
+        order = tensor_digest(order)[:16] if isinstance(order, torch.Tensor) else repr(order)
+        fields["resumed position"] = ", ".join(f"{k}={position.get(k)!r}" for k in ("pass_index", "offset", "step"))
+        fields["resumed position"] += f", order sha256 {order}"
+    else:
+        fields["resumed position"] = "none" if resume is None else repr(type(position).__name__)
+    return fields
+
+
+def check_position(state: dict[str, Any], n: int, seed: int) -> None:
+    """Raise :class:`~acn_kernels.acn.checkpoint.CheckpointError` unless a checkpoint's
+    ``position`` (of the types :func:`~acn_kernels.acn.checkpoint.check_schema` checks) can
+    continue a run on ``n`` training examples with ``seed``: ``pass_index`` >= 0, ``order``
+    that pass's order of range(n) (int64 [n],
+    :func:`acn_kernels.acn.rng.permutation`), 0 <= ``offset`` < n (a finished pass is saved as
+    the next one at offset 0), ``step`` >= 0, ``sums`` float64 [4], ``elapsed`` >= 0. A data set
+    that changed size since the checkpoint fails here (a VAE has no bank whose size would
+    notice). :func:`train` also checks that ``pass_index`` is the restored model's."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint's position cannot continue this run: {why}")
+
+    order, offset, step, pass_index = state["order"], state["offset"], state["step"], state["pass_index"]
+    if pass_index < 0:
+        raise bad(f"pass_index must be >= 0, got {pass_index}")
+    if order.dtype != torch.int64 or order.dim() != 1:
+        raise bad(f"order must be a 1-D int64 tensor, got {order.dtype} of shape {tuple(order.shape)}")
+    if order.shape[0] != n:
+        raise bad(f"its pass order covers {order.shape[0]} examples but the training data has {n}: the data "
+                  "changed since the checkpoint was written (resume on the data it was trained on)")
+    if not torch.equal(order.cpu(), rng.permutation(seed, pass_index, n)):
+        raise bad(f"order is not pass {pass_index}'s order of {n} examples with seed {seed}")
+    if not 0 <= offset < n:
+        raise bad(f"offset must lie in [0, {n}), got {offset}")
+    if step < 0:
+        raise bad(f"step must be >= 0, got {step}")
+    if state["sums"].dtype != torch.float64 or state["sums"].shape != (4,):
+        raise bad("sums must be a float64 tensor of shape [4]")
+    if not state["elapsed"] >= 0:
+        raise bad(f"elapsed must be >= 0, got {state['elapsed']}")
+
+
 def train(
     model: ACN | VAE,
     data: ImageData,
@@ -183,6 +256,13 @@ def train(
     Returns:
         The per-pass metrics (loss, kl, recon per image, train and held out, in nats, and the loss
         in bits per dimension, ``*_bpd``; the held-out ones on the writing process only).
+
+    Raises:
+        ValueError: ``config`` out of range (:meth:`TrainConfig.validate`); in a distributed run,
+            :class:`~acn_kernels.acn.distributed.RunMismatch` on every rank if the ranks' configs,
+            training images or resumed positions differ (:func:`run_fields`).
+        CheckpointError: ``resume`` cannot continue on this data: its position
+            (:func:`check_position`) or its model and optimiser state do not fit.
     """
     from tqdm.auto import tqdm
 
@@ -193,24 +273,33 @@ def train(
                          "(TrainConfig.load_data does)")
 
     runtime = Runtime() if runtime is None else runtime
+    runtime.begin(lambda: run_fields(config, data, resume))
+    config.validate()
     device = torch.device(config.device)
     x = data.train_x.to(device)
     n = x.shape[0]
-    net = runtime.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     if resume is None:
         pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
     else:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        check_schema(resume, "resume")
+        position = resume["position"]
+        check_position(position, n, config.seed)  # first: a bank's size mismatch says less
+        load_state(model, resume["model"], "the checkpoint's model state")
+        load_state(opt, resume["optimizer"], "the checkpoint's optimiser state")
+        if position["pass_index"] != model.pass_index:
+            raise CheckpointError(f"the checkpoint's position is at pass {position['pass_index']} but its model "
+                                  f"state at pass {model.pass_index}")
         torch.set_rng_state(resume["rng"]["torch"])
-        pos = Position.from_state(resume["position"], device)
+        pos = Position.from_state(position, device)
         pos.sums = runtime.share(pos.sums)
         history = list(resume["history"])
+    net = runtime.wrap(model)
     writes = out_dir is not None and runtime.writes
     if writes:
         os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
 
     def save(whole: ACN | VAE | None) -> None:
         """Every process calls it (the sums are collective); ``whole``: runtime.whole(model)."""
@@ -235,6 +324,8 @@ def train(
     stop = out_of_steps()
     while not stop:
         batch = pos.order[pos.offset : pos.offset + config.batch_size]
+        if batch.numel() == 0:  # never with a checked position: an empty step would repeat forever
+            raise RuntimeError(f"no examples left at offset {pos.offset} of pass {pos.pass_index} ({n} examples)")
         idx = runtime.local(batch)
         error = None
         try:
@@ -257,15 +348,16 @@ def train(
             loss, kl, recon = (pos.sums[1:] / pos.sums[0]).tolist()
             bar.set_postfix(epoch=len(history) + 1, loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
 
-        if pos.offset == n:  # end of the pass
+        if pos.offset >= n:  # end of the pass
             sums = runtime.total(pos.sums)
             loss, kl, recon = (sums[1:] / sums[0]).tolist()
             row = {"epoch": len(history) + 1, "step": pos.step, "train_loss": loss, "train_kl": kl,
                    "train_recon": recon, "train_bpd": bits_per_dim(loss, data.image_shape)}
             model.new_pass()
             whole = runtime.whole(model)
-            if whole is not None:
-                row.update(heldout_terms(whole, data.test_x, device=device))
+            heldout = None if whole is None else heldout_terms(whole, data.test_x, device=device)
+            if heldout is not None:  # None: no held-out images (the row then has no test_* keys)
+                row.update(heldout)
             if isinstance(model, ACN):
                 row["fallbacks"] = model.bank.fallbacks
             row["elapsed_s"] = elapsed0 + time.monotonic() - start
@@ -275,7 +367,7 @@ def train(
             pos.order = rng.permutation(config.seed, pos.pass_index, n, device)
             pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64)
             if writes:
-                atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps({"history": history}, indent=1))
+                write_json(os.path.join(out_dir, "metrics.json"), {"history": history})
                 if time.monotonic() - plotted_at >= PLOT_SECONDS:
                     plot_history(history, os.path.join(out_dir, "metrics.png"))
                     plotted_at, plotted_passes = time.monotonic(), len(history)
@@ -294,4 +386,5 @@ def train(
     return history
 
 
-__all__ = ["PLOT_SECONDS", "Position", "Runtime", "plot_history", "train"]
+__all__ = ["PLOT_SECONDS", "Position", "Runtime", "check_position", "plot_history", "run_fields",
+           "tensor_digest", "train"]
