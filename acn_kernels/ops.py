@@ -10,7 +10,6 @@ imported on first use). "torch" is :mod:`acn_kernels.reference`.
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import torch
@@ -29,11 +28,15 @@ class MaskedTopK(NamedTuple):
 
 
 def _op(backend: str, name: str):
-    """The registered op ``name`` of a compiled backend (its Triton module imported on first use)."""
-    if backend == "triton":
-        importlib.import_module(f".triton.{'mixture' if 'mixture' in name else 'masked_topk'}", __package__)
-        name = f"triton_{name}"
-    return getattr(torch.ops.acn_kernels, name)
+    """The registered op ``name`` of a compiled backend (its Triton module imported on first use,
+    with a plain import statement, which torch.compile can trace)."""
+    if backend != "triton":
+        return getattr(torch.ops.acn_kernels, name)
+    if name == "masked_topk":
+        from .triton import masked_topk  # noqa: F401  (registers acn_kernels::triton_masked_topk)
+    else:
+        from .triton import mixture  # noqa: F401  (registers acn_kernels::triton_mixture_fwd/_bwd)
+    return getattr(torch.ops.acn_kernels, f"triton_{name}")
 
 
 def _mixture(z, code, logits, means, log_scales, per_dim, backend):
