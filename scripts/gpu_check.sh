@@ -88,6 +88,7 @@ stage_test() {
   fi
   local args=(-o addopts= -p no:cacheprovider -q -rfE --continue-on-collection-errors)
   has_module pytest_timeout && args+=(--timeout=300)
+  has_module pytest_benchmark && args+=(--benchmark-disable)  # the benchmarks: one smoke round here
   # Files that import a module this machine lacks are left out (recorded), not counted as errors.
   local missing=() f mod
   for mod in faiss sklearn mlxtend hypothesis pytest_benchmark matplotlib tqdm; do
@@ -108,7 +109,7 @@ stage_test() {
 
   local t0=$SECONDS
   rm -f "$OUT/junit_all.xml" "$OUT/junit_large.xml"  # a crashed run must not reuse old counts
-  TRITON_INTERPRET=0 timeout 360 "$PY" -m pytest "${args[@]}" --junitxml="$OUT/junit_all.xml" tests \
+  ACN_BENCH_SMOKE=1 TRITON_INTERPRET=0 timeout 360 "$PY" -m pytest "${args[@]}" --junitxml="$OUT/junit_all.xml" tests \
     >"$OUT/pytest_all.log" 2>&1
   local rc=$?
   [[ $rc -eq 124 ]] && row test "pytest tests/" "timed out" "360 s; partial log pytest_all.log"

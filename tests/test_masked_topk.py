@@ -60,13 +60,13 @@ pytestmark = [
 ]
 
 
-def grid_problem(b, n, d, *, seed, dtype, device, masked=0.3, excluded=True):
+def grid_problem(b, n, d, *, seed, dtype, device, masked=0.3):
     """Grid queries and bank (exact arithmetic, many ties) with a random mask and exclusions."""
     g = torch.Generator().manual_seed(seed)
     q = grid_data(b, d, seed=seed, dtype=dtype, device=device)
     bank = grid_data(n, d, seed=seed + 1, dtype=dtype, device=device)
     mask = (torch.rand(n, generator=g) < masked).to(device)
-    excl = torch.randint(-1, n, (b,), generator=g).to(device) if excluded else None
+    excl = torch.randint(-1, n, (b,), generator=g).to(device)
     return q, bank, mask, excl
 
 

@@ -31,7 +31,6 @@ INTERPRET = dispatch.triton_interpreting()
 COMPILED = ("cpu", "cuda", "triton")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 """Every input dtype of the ops, in the order the parameters list them."""
-FLT_MAX = torch.finfo(torch.float32).max
 
 requires_ext = pytest.mark.skipif(_ext.C is None, reason=f"_C did not load: {_ext.LOAD_ERROR}")
 
@@ -41,6 +40,7 @@ requires_ext = pytest.mark.skipif(_ext.C is None, reason=f"_C did not load: {_ex
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -135,6 +135,7 @@ def sized(backend: str, device: str, full, small):
 
 
 def skip_if_interpreted(backend: str, device: str, why: str = "too large for the Triton interpreter") -> None:
+    """Skip the test under the Triton interpreter, saying why."""
     if interpreted(backend, device):
         pytest.skip(f"{why} (a GPU runs it)")
 
@@ -161,6 +162,7 @@ def required_backend_problems(
 
 
 def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (every factory draws on the CPU)."""
     return torch.Generator().manual_seed(seed)
 
 
@@ -188,8 +190,8 @@ def topk_inputs(
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(queries [b, d], bank [n, d], exclude_mask [n] or None, exclude_index [b] or None) with
-    normal values: queries N(loc, scale^2), bank N(0, scale^2) (``loc`` moves the queries away
-    from the bank, the origin and each other's scale); ``masked`` of the rows masked at random;
+    normal values, queries N(loc, scale^2) and bank N(0, scale^2) (``loc`` takes the queries off
+    the bank's centre and the origin); a fraction ``masked`` of the rows masked at random;
     exclusions uniform in [-1, n)."""
     g = generator(seed)
     q = normal(b, d, seed=g, loc=loc, scale=scale, dtype=dtype, device=device)
