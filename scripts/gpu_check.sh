@@ -11,11 +11,12 @@
 #   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0 unless
 #             set), skipped when _C is built with CUDA and newer than every source
 #   test      pytest on tests/ (all of it, Triton tests included, no -x): pass/fail counts;
-#             then the opt-in large tests of tests/test_cuda.py (fill the GPU, > 2^31 elements)
+#             then the opt-in large tests of the op suites (fill the GPU, > 2^31 elements)
 #   sanitize  compute-sanitizer memcheck / racecheck / synccheck / initcheck on small shapes of
-#             both ops (scripts/gpu_check.py driver, which also checks the results)
-#   bench     CUDA-event timings of both ops on the cuda / triton / torch backends at sizes that
-#             fill the GPU, with floors (device copy bandwidth, fp32 matmul rate) and ratios
+#             both ops (tests/sanitize_driver.py, which also checks the results)
+#   bench     the pytest-benchmark files of both ops (tests/benchmarks/bench_masked_topk.py,
+#             bench_mixture.py) on the GPU: the cuda / triton backends against torch peers;
+#             JSON and the ratio tables of scripts/bench_report.py in OUTDIR
 set -uo pipefail
 
 usage() { echo "usage: bash $0 build|test|sanitize|bench|all OUTDIR" >&2; exit 2; }
@@ -28,6 +29,7 @@ RESULTS="$OUT/results.md"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 cd "$ROOT"
 export PYTHONDONTWRITEBYTECODE=1 HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # scripts run from tests/ import acn_kernels
 unset ACN_KERNELS_BACKEND
 
 row() { "$PY" scripts/gpu_check.py row "$RESULTS" "$@" >/dev/null; echo "[$1] $2: $3 $4"; }
@@ -86,6 +88,7 @@ stage_test() {
   fi
   local args=(-o addopts= -p no:cacheprovider -q -rfE --continue-on-collection-errors)
   has_module pytest_timeout && args+=(--timeout=300)
+  has_module pytest_benchmark && args+=(--benchmark-disable)  # the benchmarks: one smoke round here
   # Files that import a module this machine lacks are left out (recorded), not counted as errors.
   local missing=() f mod
   for mod in faiss sklearn mlxtend hypothesis pytest_benchmark matplotlib tqdm; do
@@ -106,7 +109,7 @@ stage_test() {
 
   local t0=$SECONDS
   rm -f "$OUT/junit_all.xml" "$OUT/junit_large.xml"  # a crashed run must not reuse old counts
-  TRITON_INTERPRET=0 timeout 360 "$PY" -m pytest "${args[@]}" --junitxml="$OUT/junit_all.xml" tests \
+  ACN_BENCH_SMOKE=1 TRITON_INTERPRET=0 timeout 360 "$PY" -m pytest "${args[@]}" --junitxml="$OUT/junit_all.xml" tests \
     >"$OUT/pytest_all.log" 2>&1
   local rc=$?
   [[ $rc -eq 124 ]] && row test "pytest tests/" "timed out" "360 s; partial log pytest_all.log"
@@ -115,10 +118,11 @@ stage_test() {
   tail -n 3 "$OUT/pytest_all.log"
 
   t0=$SECONDS
-  ACN_TEST_FILL_GPU=1 ACN_TEST_HUGE=1 timeout 100 "$PY" -m pytest "${args[@]}" \
-    --junitxml="$OUT/junit_large.xml" tests/test_cuda.py -k "fill_gpu or 2_pow_31" >"$OUT/pytest_large.log" 2>&1
+  ACN_TEST_FILL_GPU=1 ACN_TEST_HUGE=1 TRITON_INTERPRET=0 timeout 100 "$PY" -m pytest "${args[@]}" \
+    --junitxml="$OUT/junit_large.xml" tests/test_masked_topk.py tests/test_mixture.py \
+    -k "fill_gpu or 2_pow_31" >"$OUT/pytest_large.log" 2>&1
   "$PY" scripts/gpu_check.py junit "$RESULTS" test \
-    "test_cuda.py large sizes ($((SECONDS - t0)) s, log pytest_large.log)" "$OUT/junit_large.xml" >/dev/null
+    "large sizes ($((SECONDS - t0)) s, log pytest_large.log)" "$OUT/junit_large.xml" >/dev/null
   tail -n 3 "$OUT/pytest_large.log"
 }
 
@@ -156,7 +160,7 @@ stage_sanitize() {
     [[ $tool == racecheck ]] && limit=150  # instruments every shared-memory access
     t0=$SECONDS
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $limit "$cs" --tool "$tool" \
-      "$PY" scripts/gpu_check.py driver >"$log" 2>&1
+      "$PY" tests/sanitize_driver.py --device cuda >"$log" 2>&1
     rc=$?
     summary="$(grep -E -m1 '(ERROR|RACECHECK) SUMMARY' "$log")"
     if [[ $rc -eq 124 ]]; then
@@ -176,13 +180,27 @@ stage_sanitize() {
 
 stage_bench() {
   stage_build || return 1
-  local t0=$SECONDS rc=0
-  timeout 460 "$PY" scripts/gpu_check.py bench "$RESULTS" >"$OUT/bench.log" 2>&1 || rc=$?
-  if [[ $rc -ne 0 ]]; then
-    row bench "scripts/gpu_check.py bench" "$([[ $rc -eq 124 ]] && echo 'timed out' || echo FAIL)" \
-      "rc=$rc after $((SECONDS - t0)) s; $(tail -n 1 "$OUT/bench.log" | cut -c1-200)"
+  if ! has_module pytest_benchmark; then
+    row bench pytest-benchmark "not run" "pytest-benchmark is not installed"
+    return 0
   fi
-  cat "$OUT/bench.log"
+  local t0=$SECONDS rc=0
+  rm -f "$OUT/bench.json" "$OUT/junit_bench.xml" "$OUT/bench.md"
+  # The full grids (no ACN_BENCH_SMOKE); conftest.DEVICE is the GPU. -o addopts= drops the
+  # default --benchmark-disable.
+  ACN_BENCH_DEVICE=cuda TRITON_INTERPRET=0 timeout 460 "$PY" -m pytest -o addopts= -p no:cacheprovider -q -rfEs \
+    --benchmark-enable --benchmark-max-time=0.5 --benchmark-json="$OUT/bench.json" \
+    --junitxml="$OUT/junit_bench.xml" tests/benchmarks/bench_masked_topk.py tests/benchmarks/bench_mixture.py \
+    >"$OUT/bench.log" 2>&1 || rc=$?
+  [[ $rc -eq 124 ]] && row bench pytest-benchmark "timed out" "460 s; partial log bench.log"
+  "$PY" scripts/gpu_check.py junit "$RESULTS" bench "pytest-benchmark ($((SECONDS - t0)) s, log bench.log)" \
+    "$OUT/junit_bench.xml" >/dev/null
+  if [[ -s $OUT/bench.json ]] && "$PY" scripts/bench_report.py "$OUT/bench.json" >"$OUT/bench.md"; then
+    row bench "ratio tables" info "bench.md (scripts/bench_report.py); raw bench.json"
+    cat "$OUT/bench.md"
+  fi
+  tail -n 3 "$OUT/bench.log"
+  [[ $rc -eq 0 ]]
 }
 
 case "$STAGE" in

@@ -1,265 +1,382 @@
-"""mixture_log_prob / acn_kl on every runnable backend against the float64 reference and
-torch.distributions.MixtureSameFamily: forward, all gradients, edge cases, registration, bad input."""
+"""mixture_log_prob and acn_kl's contract (docs/design.md, "mixture_log_prob and acn_kl"), each
+rule once, on every backend x device x dtype of the capability table (testing.params): forward
+and every gradient against the float64 reference and torch.distributions.MixtureSameFamily,
+with tolerances relative to the result; extreme parameters, -inf dimensions, zero-weight
+components, NaN; empty and non-contiguous inputs; registration (opcheck, torch.compile),
+gradcheck, bad input, streams. Kernel outputs are poisoned.
+
+ACN_TEST_FILL_GPU=1 enables a size that fills a GPU.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from testing import backend_params, poisoned_outputs, requires_ext, tol
+from testing import (
+    COMPILED,
+    MIXTURE_KINDS,
+    RTOL,
+    assert_close,
+    check_mixture,
+    f64,
+    mixture_grad_scale,
+    mixture_inputs,
+    mixture_op,
+    mixture_result_scale,
+    op_inputs,
+    params,
+    poisoned_outputs,
+    unsupported_params,
+    value_and_grads,
+)
 
 import acn_kernels
 from acn_kernels import reference
 
-BACKENDS = backend_params(include_torch=True)
-COMPILED = backend_params()
+OP = "mixture"
+ALL = params(OP)
+F32 = params(OP, dtypes=[torch.float32])
+GPU = params(OP, dtypes=[torch.float32], devices=["cuda"])
+FILL_GPU = os.environ.get("ACN_TEST_FILL_GPU", "0") == "1"
+pytestmark = [
+    # The Triton interpreter evaluates masked-off lanes too (e.g. -inf - -inf); numpy warns.
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]
 
 
-def make_inputs(b, d, m, *, dtype=torch.float64, device="cpu", seed=0, scale_lo=-2.0, scale_hi=1.0, logit_scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(b, d, generator=g, dtype=torch.float64) * 2
-    logits = torch.randn(b, d, m, generator=g, dtype=torch.float64) * logit_scale
-    means = torch.randn(b, d, m, generator=g, dtype=torch.float64) * 2
-    log_scales = torch.empty(b, d, m, dtype=torch.float64).uniform_(scale_lo, scale_hi, generator=g)
-    code = torch.randn(b, d, generator=g, dtype=torch.float64)
-    return [t.to(dtype=dtype, device=device) for t in (z, logits, means, log_scales, code)]
+# ---------------------------------------------------------------------------------------------
+# Against the reference
+
+
+# M = 1, 2, 3 (the CPU kernel's transposed forward from 3), 12 (its largest transposed M), 13,
+# 16 (one 16-component chunk), 17 and 67 (several chunks; 67 > the interpreter's 64-component
+# block); D = 1 (one CUDA lane per row), 16 (two rows per warp), 37 / 70 / 100 (lanes loop over
+# D; across the 64- and 32-wide Triton blocks); B * D below, at and off multiples of 16 lanes.
+SHAPES = [(1, 1, 1), (3, 5, 2), (7, 37, 5), (5, 70, 16), (33, 3, 9), (4, 6, 67), (130, 2, 3), (3, 100, 17),
+          (300, 7, 2), (5, 16, 12), (2, 9, 13)]
+
+
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+@pytest.mark.parametrize("kind", MIXTURE_KINDS)
+@pytest.mark.parametrize("b,d,m", SHAPES)
+def test_vs_reference(backend, device, dtype, kind, b, d, m):
+    inputs = mixture_inputs(b, d, m, seed=b * 1000 + d * 10 + m, dtype=dtype, device=device)
+    check_mixture(kind, backend, inputs)
+
+
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+@given(b=st.integers(1, 9), d=st.integers(1, 40), m=st.integers(1, 18), seed=st.integers(0, 2**31 - 1),
+       lo=st.sampled_from([-12.0, -4.0, -1.0]), hi=st.sampled_from([0.0, 3.0, 8.0]),
+       logit_scale=st.sampled_from([0.1, 3.0, 40.0]), loc=st.sampled_from([0.0, 50.0]),
+       kind=st.sampled_from(MIXTURE_KINDS))
+def test_property_vs_reference(backend, device, dtype, b, d, m, seed, lo, hi, logit_scale, loc, kind):
+    """Fresh random shapes and values: log-scales from -12 to 8 (terms up to 1e10), logits up to
+    +-100 and more, data far from the origin; forward and every gradient."""
+    inputs = mixture_inputs(b, d, m, seed=seed, dtype=dtype, device=device, log_scales=(lo, hi),
+                            logit_scale=logit_scale, loc=loc)
+    check_mixture(kind, backend, inputs)
 
 
 def msf_log_prob(z, logits, means, log_scales):
-    """Independent oracle: torch.distributions.MixtureSameFamily per dimension, summed over D."""
+    """The independent oracle: torch.distributions.MixtureSameFamily per dimension, summed over D."""
     mix = torch.distributions.Categorical(logits=logits)
     comp = torch.distributions.Normal(means, log_scales.exp())
     return torch.distributions.MixtureSameFamily(mix, comp).log_prob(z).sum(-1)
 
 
-def run_grads(fn, inputs):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    g = g.to(dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, leaves, g)
-    return out.detach(), grads
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 2), (7, 37, 5), (13, 19, 16), (4, 33, 17)])
-def test_forward_backward_vs_reference(backend, device, shape):
-    b, d, m = shape
-    z, lg, mu, ls, _ = make_inputs(b, d, m, dtype=torch.float32, device=device, seed=b * 100 + m)
-    ref_in = [t.double().cpu() for t in (z, lg, mu, ls)]
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_matches_mixture_same_family(backend, device, dtype):
+    """The density MixtureSameFamily defines, forward and gradients."""
+    args = op_inputs("log_prob", mixture_inputs(9, 21, 6, seed=5, dtype=dtype, device=device))
     with poisoned_outputs():
-        out, grads = run_grads(lambda *t: acn_kernels.mixture_log_prob(*t, backend=backend), [z, lg, mu, ls])
-    ref, ref_grads = run_grads(reference.mixture_log_prob, ref_in)
-    assert out.dtype == torch.float32 and out.shape == (b,)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4 * d)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3, atol=1e-4)
+        out, grads = value_and_grads(mixture_op("log_prob", backend), args)
+    want, want_grads = value_and_grads(msf_log_prob, f64(args))
+    acc = reference.acc_dtype(dtype)
+    assert_close(out, want, rtol=RTOL[acc], scale=mixture_result_scale("log_prob", f64(args)))
+    s = mixture_grad_scale(want_grads)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert_close(g, w.to(dtype), rtol=2 * RTOL[dtype], scale=s if w.dim() == 3 else s.squeeze(-1))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_matches_mixture_same_family(backend, device):
-    z, lg, mu, ls, _ = make_inputs(9, 21, 6, device=device, seed=5)
-    if backend == "triton" and device == "cpu":
-        z, lg, mu, ls = (t.float() for t in (z, lg, mu, ls))
-    out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend)
-    want = msf_log_prob(*(t.double().cpu() for t in (z, lg, mu, ls)))
-    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_extreme_parameters(backend, device, dtype):
+    """Large and tiny scales, very negative logits, z at the means, negligible components next
+    to ordinary ones: finite, and the reference's values and gradients."""
+    z, lg, mu, ls, code = mixture_inputs(6, 13, 5, seed=11, dtype=torch.float64)
+    ls[0] = -12.0  # sigma 6e-6: huge |u|, a sharply peaked density
+    ls[1] = 25.0  # sigma 7e10
+    lg[2, :, 0] = -1e4  # a practically absent component
+    lg[3] = -80.0  # every logit very negative (log-softmax must be shift-invariant)
+    lg[3, :, 1] = -85.0
+    mu[4] = z[4].unsqueeze(-1) + 1e-3  # z right at the means
+    ls[4] = -6.0
+    ls[5, :, :2] = -30.0  # two components of negligible density next to ordinary ones
+    inputs = [t.to(dtype=dtype, device=device) for t in (z, lg, mu, ls, code)]
+    for kind in MIXTURE_KINDS:
+        (out, grads), _ = check_mixture(kind, backend, inputs)  # gradients: finite where representable
+        assert torch.isfinite(out).all(), kind
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_per_dim_and_kl(backend, device):
-    z, lg, mu, ls, code = make_inputs(6, 11, 4, dtype=torch.float32, device=device, seed=3)
-    ref_in = [t.double().cpu() for t in (z, code, lg, mu, ls)]
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_dead_dimension_gives_minus_inf_and_zero_grads(backend, device, dtype):
+    """A dimension whose every term is -inf in the result dtype (every component far away with a
+    tiny scale; not representable, not NaN): -inf with zero gradients, as the reference gives in
+    that dtype; the other dimensions and rows are unaffected; acn_kl is +inf there, with dz and
+    dcode from log N(z; code, I) alone."""
+    dead_ls = -80.0 if reference.acc_dtype(dtype) == torch.float32 else -800.0  # 1 / sigma overflows
+    z, lg, mu, ls, code = mixture_inputs(4, 7, 3, seed=13, dtype=dtype, device=device)
+    mu[1, 2] = z[1, 2] + 1.0
+    ls[1, 2] = dead_ls
+    for kind in MIXTURE_KINDS:
+        args = op_inputs(kind, [z, lg, mu, ls, code])
+        with poisoned_outputs():
+            out, grads = value_and_grads(mixture_op(kind, backend), args)
+        acc_args = [t.to(reference.acc_dtype(dtype)).cpu() for t in args]
+        want, want_grads = value_and_grads(mixture_op(kind, "torch"), acc_args)
+        dead = (1, 2) if kind == "log_prob_per_dim" else (1,)
+        assert out[dead] == (math.inf if kind == "acn_kl" else -math.inf), kind
+        assert_close(out, want, rtol=RTOL[reference.acc_dtype(dtype)], msg=kind)
+        for g, w in zip(grads, want_grads, strict=True):
+            assert torch.isfinite(g).all(), kind
+            assert_close(g, w, rtol=2 * RTOL[dtype], msg=kind)
+        g_mix = grads[2:] if kind == "acn_kl" else grads[1:]
+        assert all((g[1, 2] == 0).all() for g in g_mix), kind
+        if kind == "acn_kl":
+            assert grads[1][1, 2] != 0 and grads[0][1, 2] == -grads[1][1, 2]
+        else:
+            assert grads[0][1, 2] == 0
+
+
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_zero_weight_component_gets_zero_gradients(backend, device, dtype):
+    """A component with logit -inf (and a scale that would give inf * 0 = NaN without the rule)
+    contributes nothing and gets exactly zero gradients."""
+    z, lg, mu, ls, code = mixture_inputs(5, 8, 4, seed=17, dtype=dtype, device=device)
+    lg[:, :, 2] = -math.inf
+    ls[:, :, 2] = -60.0
+    for kind in MIXTURE_KINDS:
+        (_, grads), _ = check_mixture(kind, backend, [z, lg, mu, ls, code])
+        for g in (grads[2:] if kind == "acn_kl" else grads[1:]):
+            assert (g[:, :, 2] == 0).all(), kind
+
+
+@pytest.mark.parametrize("backend,device,dtype", F32)
+@pytest.mark.parametrize("where", ["z", "logits", "means", "log_scales", "code"])
+def test_nan_in_nan_out(backend, device, dtype, where):
+    z, lg, mu, ls, code = mixture_inputs(4, 6, 3, seed=19, dtype=dtype, device=device)
+    {"z": z, "logits": lg, "means": mu, "log_scales": ls, "code": code}[where][2, 3] = math.nan
     with poisoned_outputs():
-        pd, pd_grads = run_grads(
-            lambda *t: acn_kernels.mixture_log_prob(*t, per_dim=True, backend=backend), [z, lg, mu, ls]
-        )
-        kl, kl_grads = run_grads(lambda *t: acn_kernels.acn_kl(*t, backend=backend), [z, code, lg, mu, ls])
-    ref_pd, ref_pd_grads = run_grads(lambda *t: reference.mixture_log_prob(*t, per_dim=True), [ref_in[0], *ref_in[2:]])
-    ref_kl, ref_kl_grads = run_grads(reference.acn_kl, ref_in)
-    assert pd.shape == (6, 11) and kl.shape == (6,)
-    torch.testing.assert_close(pd.cpu().double(), ref_pd, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(kl.cpu().double(), ref_kl, rtol=1e-4, atol=1e-3)
-    for got, want in zip(pd_grads + kl_grads, ref_pd_grads + ref_kl_grads, strict=True):
-        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3, atol=1e-4)
-
-
-@given(
-    b=st.integers(1, 9), d=st.integers(1, 40), m=st.integers(1, 18), seed=st.integers(0, 2**31 - 1),
-    scale_lo=st.sampled_from([-12.0, -4.0, -1.0]), scale_hi=st.sampled_from([0.0, 3.0, 8.0]),
-    logit_scale=st.sampled_from([0.1, 3.0, 40.0]),
-)
-@pytest.mark.parametrize("backend,device", COMPILED)
-def test_property_float64_and_float32(backend, device, b, d, m, seed, scale_lo, scale_hi, logit_scale):
-    dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
-    z, lg, mu, ls, code = make_inputs(b, d, m, dtype=dtype, device=device, seed=seed, scale_lo=scale_lo,
-                                      scale_hi=scale_hi, logit_scale=logit_scale)
-    ref_in = [t.double().cpu() for t in (z, code, lg, mu, ls)]
-    with poisoned_outputs():
-        kl, grads = run_grads(lambda *t: acn_kernels.acn_kl(*t, backend=backend), [z, code, lg, mu, ls])
-    want, want_grads = run_grads(reference.acn_kl, ref_in)
-    t = tol(dtype)
-    # log-scales down to -12 make terms of size 1e10: compare relative to the magnitude.
-    torch.testing.assert_close(kl.cpu().double(), want, rtol=t["rtol"] * 10, atol=t["atol"] * d)
-    for got, w in zip(grads, want_grads, strict=True):
-        scale = w.abs().max().item() + 1.0
-        torch.testing.assert_close(got.cpu().double(), w, rtol=t["rtol"] * 10, atol=t["atol"] * scale)
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_edge_values(backend, device):
-    """-inf rows give -inf and zero gradients, zero-weight components get zero gradient, NaN
-    propagates, huge and tiny scales stay finite where the true value is."""
-    f = torch.float32
-    inf = math.inf
-    # row 0: every term -inf (tiny scales far from z); row 1: one component with zero weight;
-    # row 2: NaN in z; row 3: very wide and very narrow components around z.
-    z = torch.tensor([[0.0], [0.5], [math.nan], [1.0]], dtype=f)
-    logits = torch.tensor([[[0.0, 0.0]], [[-inf, 1.0]], [[0.0, 0.0]], [[-80.0, 0.0]]], dtype=f)
-    means = torch.tensor([[[1e6, -1e6]], [[3.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0 + 1e-3]]], dtype=f)
-    log_scales = torch.tensor([[[-60.0, -60.0]], [[0.0, 0.0]], [[0.0, 0.0]], [[30.0, -20.0]]], dtype=f)
-    inputs = [t.to(device) for t in (z, logits, means, log_scales)]
-    with poisoned_outputs():
-        out, grads = run_grads(lambda *t: acn_kernels.mixture_log_prob(*t, backend=backend), inputs)
-    out = out.cpu()
-    grads = [g.cpu() for g in grads]
-    assert out[0].item() == -inf
-    for g in grads:
-        assert torch.all(g[0] == 0), g[0]
-    assert math.isfinite(out[1].item())
-    assert grads[1][1, 0, 0] == 0 and grads[2][1, 0, 0] == 0 and grads[3][1, 0, 0] == 0
-    assert math.isnan(out[2].item())
-    ref = reference.mixture_log_prob(*(t.double().cpu() for t in inputs))
-    assert math.isfinite(out[3].item())
-    torch.testing.assert_close(out[[1, 3]].double(), ref[[1, 3]], rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(backend, device, dtype):
-    z, lg, mu, ls, code = make_inputs(5, 23, 3, dtype=dtype, device=device, seed=11)
-    with poisoned_outputs():
-        out, grads = run_grads(lambda *t: acn_kernels.acn_kl(*t, backend=backend), [z, code, lg, mu, ls])
-    want, want_grads = run_grads(reference.acn_kl, [t.double().cpu() for t in (z, code, lg, mu, ls)])
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-3, atol=1e-2)
-    for got, w in zip(grads, want_grads, strict=True):
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.cpu().double(), w, **tol(dtype))
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_gradcheck_float64(backend):
-    if backend == "cpu" and not acn_kernels.backends()["cpu"]:
-        pytest.skip("no compiled extension")
-    z, lg, mu, ls, code = make_inputs(3, 5, 4, seed=2)
-    leaves = [t.requires_grad_() for t in (z, code, lg, mu, ls)]
-    assert torch.autograd.gradcheck(lambda *t: acn_kernels.acn_kl(*t, backend=backend), leaves)
-    assert torch.autograd.gradcheck(
-        lambda z, lg, mu, ls: acn_kernels.mixture_log_prob(z, lg, mu, ls, per_dim=True, backend=backend),
-        [leaves[0], *leaves[2:]],
-    )
-
-
-@pytest.mark.parametrize("backend,device", COMPILED)
-def test_empty_batch_and_noncontiguous(backend, device):
-    z, lg, mu, ls, _ = make_inputs(0, 4, 3, dtype=torch.float32, device=device)
-    assert acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend).shape == (0,)
-    z, lg, mu, ls, _ = make_inputs(6, 8, 3, dtype=torch.float32, device=device, seed=4)
-    zt = z.t().contiguous().t()  # same values, transposed strides
-    lgt = lg.transpose(0, 1).contiguous().transpose(0, 1)
-    got = acn_kernels.mixture_log_prob(zt, lgt, mu, ls, backend=backend)
-    torch.testing.assert_close(got, acn_kernels.mixture_log_prob(z, lg, mu, ls, backend="torch"))
-
-
-@requires_ext
-def test_opcheck_cpp_ops():
-    z, lg, mu, ls, code = make_inputs(4, 6, 3, dtype=torch.float32, seed=8)
-    for c in (None, code):
-        for per_dim in (False, True):
-            args = tuple(t.requires_grad_() for t in (z.clone(), lg.clone(), mu.clone(), ls.clone()))
-            c_in = None if c is None else c.clone().requires_grad_()
-            torch.library.opcheck(torch.ops.acn_kernels.mixture_fwd, (*args, c_in, per_dim))
-    out, lse = torch.ops.acn_kernels.mixture_fwd(z, lg, mu, ls, code, False)
-    torch.library.opcheck(
-        torch.ops.acn_kernels.mixture_bwd, (torch.ones_like(out), z, lg, mu, ls, code, lse, False)
-    )
-
-
-@pytest.mark.parametrize("backend,device", COMPILED)
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_torch_compile_fullgraph(backend, device, dynamic):
-    torch._dynamo.reset()
-
-    def loss(z, code, lg, mu, ls):
-        return acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend).mean() + acn_kernels.mixture_log_prob(
-            z, lg, mu, ls, backend=backend
-        ).sum()
-
-    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
-    for b in (5, 7):
-        z, lg, mu, ls, code = make_inputs(b, 9, 3, dtype=torch.float32, device=device, seed=b)
-        inputs = [t.requires_grad_() for t in (z, code, lg, mu, ls)]
-        got = compiled(*inputs)
-        got.backward()
-        got_grads = [t.grad.clone() for t in inputs]
-        for t in inputs:
-            t.grad = None
-        want = loss(*inputs)
-        want.backward()
-        torch.testing.assert_close(got, want)
-        for g, t in zip(got_grads, inputs, strict=True):
-            torch.testing.assert_close(g, t.grad)
-
-
-def test_mixture_nll_loss_module():
-    z, lg, mu, ls, _ = make_inputs(4, 6, 3, dtype=torch.float32, seed=9)
-    want = -reference.mixture_log_prob(z, lg, mu, ls)
-    assert torch.allclose(acn_kernels.MixtureNLLLoss()(z, lg, mu, ls), want.mean(), atol=1e-5)
-    assert torch.allclose(acn_kernels.MixtureNLLLoss("sum")(z, lg, mu, ls), want.sum(), atol=1e-4)
-    assert torch.allclose(acn_kernels.MixtureNLLLoss("none")(z, lg, mu, ls), want, atol=1e-5)
-    with pytest.raises(ValueError, match="reduction"):
-        acn_kernels.MixtureNLLLoss("avg")
+        kl = acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend).cpu()
+        pd = acn_kernels.mixture_log_prob(z, lg, mu, ls, per_dim=True, backend=backend).cpu()
+    assert torch.isnan(kl[2]) and torch.isfinite(kl[[0, 1, 3]]).all()
+    nan = torch.zeros(4, 6, dtype=torch.bool)
+    nan[2, 3] = where != "code"
+    assert torch.equal(torch.isnan(pd), nan) and torch.isfinite(pd[~nan]).all()
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input: clear errors naming the argument, on every backend (the checks run before dispatch)
+# Layouts and sizes
 
 
-def _good():
-    return make_inputs(2, 3, 4, dtype=torch.float32)
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_empty_and_non_contiguous(backend, device, dtype):
+    """B = 0 gives an empty result; D = 0 the empty sum, 0 (every element written); inputs with
+    any strides give the contiguous inputs' result (bit for bit on the compiled backends, which
+    read them contiguous; within rounding on "torch", whose ops may sum in another order)."""
+    z, lg, mu, ls, code = mixture_inputs(0, 4, 3, dtype=dtype, device=device)
+    assert acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend).shape == (0,)
+    assert acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend).shape == (0,)
+    z, lg, mu, ls, code = mixture_inputs(5, 0, 3, dtype=dtype, device=device)
+    with poisoned_outputs():
+        out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend)
+        kl = acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend)
+    assert torch.equal(out.cpu(), torch.zeros(5, dtype=out.dtype)) and torch.equal(kl.cpu(), out.cpu())
+    inputs = mixture_inputs(6, 8, 5, seed=29, dtype=dtype, device=device)
+    z, lg, mu, ls, code = inputs
+    strided = [z.t().contiguous().t(), lg.transpose(0, 1).contiguous().transpose(0, 1), mu[:, :, :],
+               ls.transpose(1, 2).contiguous().transpose(1, 2), code.t().contiguous().t()]
+    assert not any(t.is_contiguous() for i, t in enumerate(strided) if i != 2)
+    for kind in MIXTURE_KINDS:
+        with poisoned_outputs():
+            got, got_grads = value_and_grads(mixture_op(kind, backend), op_inputs(kind, strided))
+            want, want_grads = value_and_grads(mixture_op(kind, backend), op_inputs(kind, inputs))
+        for g, w in zip((got, *got_grads), (want, *want_grads), strict=True):
+            if backend == "torch":
+                assert_close(g, w, rtol=RTOL[g.dtype], msg=kind)
+            else:
+                assert torch.equal(g, w), kind
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize(
-    "mutate,exc,pattern",
-    [
-        (lambda a: a.__setitem__(0, a[0][0]), ValueError, "z must have shape"),
-        (lambda a: a.__setitem__(1, a[1][0]), ValueError, "logits must have shape"),
-        (lambda a: a.__setitem__(2, a[2][:, :2]), ValueError, "means has shape"),
-        (lambda a: a.__setitem__(3, a[3][..., :2]), ValueError, "log_scales has 2 components"),
-        (lambda a: a.__setitem__(3, a[3].double()), TypeError, "log_scales has dtype"),
-        (lambda a: a.__setitem__(0, a[0].long()), TypeError, "z must be a floating-point"),
-        (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, "means is on meta"),
-        (lambda a: a.__setitem__(1, a[1][..., :0]), ValueError, "at least one component"),
-        (lambda a: a.__setitem__(4, a[4][:1]), ValueError, "code has shape"),
-    ],
-)
-def test_bad_input(backend, device, mutate, exc, pattern):
-    args = [t.to(device) for t in _good()]
-    mutate(args)
-    z, lg, mu, ls, code = args
-    with pytest.raises(exc, match=pattern):
+@pytest.mark.parametrize("backend,device,dtype", GPU)
+@pytest.mark.skipif(not FILL_GPU, reason="set ACN_TEST_FILL_GPU=1")
+def test_fill_gpu(backend, device, dtype):
+    inputs = mixture_inputs(65536, 64, 8, seed=4, dtype=dtype, device=device)
+    check_mixture("log_prob", backend, inputs)
+
+
+@pytest.mark.parametrize("backend,device,dtype", GPU)
+def test_runs_on_the_current_stream(backend, device, dtype):
+    """Inputs are written on a side stream behind a long sleep; the ops launched on that stream
+    must see the written values (an op on the default stream would read the stale zeros)."""
+    src = mixture_inputs(4, 8, 3, seed=1, device=device)
+    want = [reference.mixture_log_prob(*src[:4]), reference.acn_kl(*op_inputs("acn_kl", src))]
+    mix = [torch.zeros_like(t) for t in src]
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # about 20-50 ms of GPU time
+        for dst, t in zip(mix, src, strict=True):
+            dst.copy_(t)
+        got = [acn_kernels.mixture_log_prob(*mix[:4], backend=backend),
+               acn_kernels.acn_kl(*op_inputs("acn_kl", mix), backend=backend)]
+    s.synchronize()
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device,dtype", GPU)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device(backend, device, dtype):
+    inputs = mixture_inputs(3, 4, 2, seed=2, device="cuda:1")
+    out = acn_kernels.mixture_log_prob(*inputs[:4], backend=backend)
+    assert out.device == inputs[0].device
+    assert_close(out, reference.mixture_log_prob(*f64(inputs[:4])), rtol=RTOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, compile, gradcheck
+
+
+def _registered(backend: str):
+    """(mixture_fwd, mixture_bwd) registered ops of a compiled backend (its Triton module imported)."""
+    if backend == "triton":
+        from acn_kernels.triton import mixture  # noqa: F401  (registers the ops)
+
+        return torch.ops.acn_kernels.triton_mixture_fwd, torch.ops.acn_kernels.triton_mixture_bwd
+    return torch.ops.acn_kernels.mixture_fwd, torch.ops.acn_kernels.mixture_bwd
+
+
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float32, torch.float64],
+                                                        backends=COMPILED))
+def test_opcheck(backend, device, dtype):
+    """Schema, fake kernels and autograd registration of both ops (torch.library.opcheck)."""
+    fwd, bwd = _registered(backend)
+    z, lg, mu, ls, code = mixture_inputs(4, 6, 3, seed=8, dtype=dtype, device=device)
+    for c in (None, code):
+        for per_dim in (False, True):
+            args = [t.clone().requires_grad_() for t in (z, lg, mu, ls)]
+            c_in = None if c is None else c.clone().requires_grad_()
+            torch.library.opcheck(fwd, (*args, c_in, per_dim))
+            out, lse = fwd(z, lg, mu, ls, c, per_dim)
+            torch.library.opcheck(bwd, (torch.randn_like(out), z, lg, mu, ls, c, lse, per_dim))
+
+
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float32], backends=COMPILED))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(backend, device, dtype, dynamic):
+    torch._dynamo.reset()
+
+    def loss(z, code, lg, mu, ls):
+        kl = acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend)
+        lp = acn_kernels.mixture_log_prob(z, lg, mu, ls, per_dim=True, backend=backend)
+        return kl.mean() + lp.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    for b in (5, 8):
+        args = op_inputs("acn_kl", mixture_inputs(b, 9, 3, seed=b, dtype=dtype, device=device))
+        got, got_grads = value_and_grads(compiled, args)
+        want, want_grads = value_and_grads(loss, args)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float64]))
+def test_gradcheck(backend, device, dtype):
+    z, lg, mu, ls, code = (t.requires_grad_() for t in mixture_inputs(3, 5, 4, seed=2, dtype=dtype,
+                                                                     device=device))
+    assert torch.autograd.gradcheck(lambda *t: acn_kernels.acn_kl(*t, backend=backend), (z, code, lg, mu, ls))
+    assert torch.autograd.gradcheck(
+        lambda *t: acn_kernels.mixture_log_prob(*t, per_dim=True, backend=backend), (z, lg, mu, ls))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+
+
+# (name, change of [z, logits, means, log_scales, code], exception, message); the first
+# STRUCTURAL ones the registered ops check too.
+BAD = [
+    ("z rank", lambda a: a.__setitem__(0, a[0][0]), ValueError, "z must have shape"),
+    ("logits rank", lambda a: a.__setitem__(1, a[1][0]), ValueError, "logits must have shape"),
+    ("means shape", lambda a: a.__setitem__(2, a[2][:, :2]), ValueError, "means has shape"),
+    ("components", lambda a: a.__setitem__(3, a[3][..., :2]), ValueError, "log_scales has 2 components"),
+    ("dtype", lambda a: a.__setitem__(3, a[3].double()), TypeError, "log_scales has dtype"),
+    ("int z", lambda a: a.__setitem__(0, a[0].long()), TypeError, "z must be a floating-point"),
+    ("code shape", lambda a: a.__setitem__(4, a[4][:1]), ValueError, "code has shape"),
+]
+STRUCTURAL = len(BAD)
+BAD += [
+    ("device", lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, "means is on meta"),
+    ("M = 0", lambda a: a.__setitem__(1, a[1][..., :0]), ValueError, "at least one component"),
+]
+
+
+def _bad_args(change, device):
+    args = [t.to(device) for t in mixture_inputs(2, 3, 4)]
+    change(args)
+    return args
+
+
+@pytest.mark.parametrize("backend,device,dtype", F32)
+@pytest.mark.parametrize("name,change,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, device, dtype, name, change, exc, match):
+    """The public functions: a TypeError / ValueError naming the argument, on every backend (the
+    checks run before dispatch)."""
+    z, lg, mu, ls, code = _bad_args(change, device)
+    with pytest.raises(exc, match=match):
         acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend)
+    if name != "code shape":
+        with pytest.raises(exc, match=match):
+            acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend)
 
 
-def test_nan_input_gives_nan():
-    z, lg, mu, ls, _ = make_inputs(3, 4, 2, dtype=torch.float32)
-    mu[1, 2, 1] = math.nan
-    for be in [p.values[0] for p in BACKENDS if p.values[1] == "cpu"]:
-        out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=be)
-        assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), be
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float32], backends=COMPILED))
+@pytest.mark.parametrize("name,change,exc,match", BAD[:STRUCTURAL], ids=[b[0] for b in BAD[:STRUCTURAL]])
+def test_bad_input_registered_op(backend, device, dtype, name, change, exc, match):
+    """The registered forward is callable directly and checks the structure itself, naming the
+    argument: RuntimeError from the C++ op (csrc/checks.cpp), the Python check's error from the
+    Triton op."""
+    z, lg, mu, ls, code = _bad_args(change, device)
+    if backend in ("cpu", "cuda"):
+        exc = RuntimeError
+    with pytest.raises(exc, match=match):
+        _registered(backend)[0](z, lg, mu, ls, code, False)
+
+
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float32], backends=COMPILED))
+def test_bad_saved_state_registered_backward(backend, device, dtype):
+    """The registered backward checks the shapes of grad_out and of the saved log-sum-exps."""
+    fwd, bwd = _registered(backend)
+    z, lg, mu, ls, _ = mixture_inputs(2, 3, 2, device=device)
+    out, lse = fwd(z, lg, mu, ls, None, False)
+    with pytest.raises((ValueError, RuntimeError), match="grad_out"):
+        bwd(torch.ones(3, device=device), z, lg, mu, ls, None, lse, False)
+    with pytest.raises((ValueError, RuntimeError), match="lse"):
+        bwd(torch.ones_like(out), z, lg, mu, ls, None, lse[:, :1], False)
+
+
+@pytest.mark.parametrize("backend,dtype", unsupported_params())
+def test_unsupported_dtype_names_every_backend(backend, dtype):
+    """An explicit backend that cannot take the dtype raises one error listing every backend
+    with its reasons (the capability table), before any kernel runs."""
+    z, lg, mu, ls, code = mixture_inputs(2, 3, 2, dtype=dtype)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run.*{str(dtype)[6:]}") as e:
+        acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend)
+    for name in acn_kernels.dispatch.BACKENDS:
+        assert f"{name}: " in str(e.value)

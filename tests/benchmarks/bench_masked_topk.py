@@ -1,6 +1,7 @@
-"""Masked top-K on CPU: the fused kernel against torch (addmm + masked_fill + topk, chunked over
-the bank), faiss-cpu IndexFlatL2 with the mask as an IDSelectorBitmap, and unmasked faiss-cpu
-(the speed ceiling: it does no mask work and always searches every row).
+"""Masked top-K: the fused kernels against torch (addmm + masked_fill + topk, chunked over the
+bank) on the same device; on CPU also faiss-cpu IndexFlatL2 with the mask as an IDSelectorBitmap,
+and unmasked faiss-cpu (the speed ceiling: it does no mask work and always searches every row).
+On a GPU (conftest.DEVICE) the fused backends are "cuda" and "triton".
 
 Run: flock /tmp/acn_bench.lock pytest tests/benchmarks/bench_masked_topk.py --benchmark-enable \
          --benchmark-json=topk.json
@@ -20,11 +21,11 @@ import subprocess
 import sys
 import time
 
-import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, grid
+from conftest import DEVICE, SMOKE, grid, synchronized
+from testing import topk_inputs
 
 import acn_kernels
 
@@ -40,7 +41,8 @@ POINTS = grid([
     (1024, 100_000, 128, 133, 0.5),
     (128, 200_000, 32, 133, 0.0),
 ])
-IMPLS = ["acn_cpu", "torch", "faiss_masked", "faiss_unmasked"]
+IMPLS = ["acn_cuda", "acn_triton", "torch"] if DEVICE == "cuda" else ["acn_cpu", "torch", "faiss_masked",
+                                                                      "faiss_unmasked"]
 # The torch peer's distance block (B x chunk floats) stays under this many bytes.
 TORCH_BLOCK_BYTES = 256 * 2**20
 
@@ -67,14 +69,18 @@ def torch_topk(queries, bank, k, mask):
 
 
 def make(impl, b, n, d, k, frac):
-    g = torch.Generator().manual_seed(0)
-    bank = torch.randn(n, d, generator=g)
-    queries = torch.randn(b, d, generator=g)
-    mask = torch.rand(n, generator=g) < frac
-    if impl == "acn_cpu":
-        return lambda: acn_kernels.masked_topk(queries, bank, k, exclude_mask=mask, backend="cpu")
+    """The timed function of ``impl`` on one problem (inputs on DEVICE)."""
+    queries, bank, mask, _ = topk_inputs(b, n, d, seed=0, masked=frac, device=DEVICE)
+    if mask is None:
+        mask = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    if impl.startswith("acn_"):
+        backend = impl.removeprefix("acn_")
+        if not acn_kernels.backends()[backend]:
+            pytest.skip(f"the {backend} backend cannot run here")
+        return lambda: acn_kernels.masked_topk(queries, bank, k, exclude_mask=mask, backend=backend)
     if impl == "torch":
         return lambda: torch_topk(queries, bank, k, mask)
+    faiss = pytest.importorskip("faiss")
     index = faiss.IndexFlatL2(d)
     index.add(bank.numpy())
     qn = queries.numpy()
@@ -93,15 +99,13 @@ def _cpu_seconds() -> float:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: "B{}-N{}-D{}-K{}-m{}".format(*p))
-def test_masked_topk_cpu(benchmark, impl, point):
+def test_masked_topk(benchmark, device, impl, point):
     b, n, d, k, frac = point
-    if impl == "acn_cpu" and not acn_kernels.backends()["cpu"]:
-        pytest.skip("extension not built")
-    fn = make(impl, b, n, d, k, frac)
-    benchmark.group = f"masked_topk B={b} N={n} D={d} K={k} masked={frac:.0%} cpu"
+    fn = synchronized(make(impl, b, n, d, k, frac), device)
+    benchmark.group = f"masked_topk B={b} N={n} D={d} K={k} masked={frac:.0%} {device}"
     benchmark.extra_info.update(op="masked_topk", B=b, N=n, D=d, K=k, masked=frac, impl=impl,
-                                device="cpu", threads=torch.get_num_threads())
-    fn()  # warm-up
+                                device=device, threads=torch.get_num_threads())
+    fn()  # warm-up (and the Triton kernels' compilation)
     rounds = 1 if SMOKE else 5
     c0, t0 = _cpu_seconds(), time.perf_counter()
     benchmark.pedantic(fn, rounds=rounds, iterations=1)
@@ -110,7 +114,7 @@ def test_masked_topk_cpu(benchmark, impl, point):
 
 
 def test_topk_peak_memory(benchmark):
-    """Peak extra memory of B=1024 queries vs a 1,000,000 x 64 float32 bank (goal: < 300 MB),
+    """Peak extra memory (CPU) of B=1024 queries vs a 1,000,000 x 64 float32 bank (goal: < 300 MB),
     in a fresh process; the smoke pass uses a 100,000-row bank."""
     if not acn_kernels.backends()["cpu"]:
         pytest.skip("extension not built")

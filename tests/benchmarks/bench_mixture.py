@@ -1,5 +1,6 @@
 """Mixture log-likelihood: the fused backends against torch eager, MixtureSameFamily and
-torch.compile of the eager function (per shape, dynamic=False, after torch._dynamo.reset()).
+torch.compile of the eager function (per shape, dynamic=False, after torch._dynamo.reset()), on
+conftest.DEVICE ("cpu", or "cuda" and "triton" on a GPU).
 
 Run: pytest tests/benchmarks/bench_mixture.py --benchmark-enable --benchmark-json=out.json
 then: python scripts/bench_report.py out.json
@@ -11,7 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import grid
+from conftest import DEVICE, grid, synchronized
+from testing import mixture_inputs
 
 import acn_kernels
 
@@ -35,61 +37,47 @@ def msf(z, logits, means, log_scales):
     return torch.distributions.MixtureSameFamily(mix, comp, validate_args=False).log_prob(z).sum(-1)
 
 
-def implementations(device: str) -> dict:
-    impls = {"eager": eager, "mixture_same_family": msf}
-    av = acn_kernels.backends()
-    if device == "cpu" and av["cpu"]:
-        impls["acn_cpu"] = lambda *a: acn_kernels.mixture_log_prob(*a, backend="cpu")
-    if device == "cuda":
-        for be in ("cuda", "triton"):
-            if av[be]:
-                impls[f"acn_{be}"] = lambda *a, be=be: acn_kernels.mixture_log_prob(*a, backend=be)
-    impls["torch_compile"] = None  # built per shape in the test
-    return impls
+PEERS = {"eager": eager, "mixture_same_family": msf, "torch_compile": None}  # compiled per shape in the test
+IMPLS = (["acn_cuda", "acn_triton"] if DEVICE == "cuda" else ["acn_cpu"]) + list(PEERS)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = implementations(DEVICE)
+def implementation(impl: str):
+    if impl == "torch_compile":
+        torch._dynamo.reset()
+        return torch.compile(eager, dynamic=False)
+    if impl in PEERS:
+        return PEERS[impl]
+    backend = impl.removeprefix("acn_")
+    if not acn_kernels.backends()[backend]:
+        pytest.skip(f"the {backend} backend cannot run here")
+    return lambda *a: acn_kernels.mixture_log_prob(*a, backend=backend)
 
 
 def inputs(b, d, m, requires_grad):
-    g = torch.Generator().manual_seed(0)
-    ts = [torch.randn(b, d, generator=g), torch.randn(b, d, m, generator=g), torch.randn(b, d, m, generator=g),
-          torch.rand(b, d, m, generator=g) - 1.0]
-    return [t.to(DEVICE).requires_grad_(requires_grad) for t in ts]
+    """z, logits, means, log_scales (log-scales in [-1, 0]) on DEVICE."""
+    z, lg, mu, ls, _ = mixture_inputs(b, d, m, seed=0, device=DEVICE, log_scales=(-1.0, 0.0))
+    return [t.requires_grad_(requires_grad) for t in (z, lg, mu, ls)]
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-D{}-M{}".format(*s))
-def test_mixture(benchmark, impl, mode, shape):
+def test_mixture(benchmark, device, impl, mode, shape):
     b, d, m = shape
-    fn = IMPLS[impl]
-    if impl == "torch_compile":
-        torch._dynamo.reset()
-        fn = torch.compile(eager, dynamic=False)
+    fn = implementation(impl)
     args = inputs(b, d, m, mode == "fwd+bwd")
-    benchmark.group = f"mixture {mode} B={b} D={d} M={m} {DEVICE}"
-    benchmark.extra_info.update(op="mixture", mode=mode, B=b, D=d, M=m, impl=impl, device=DEVICE)
+    benchmark.group = f"mixture {mode} B={b} D={d} M={m} {device}"
+    benchmark.extra_info.update(op="mixture", mode=mode, B=b, D=d, M=m, impl=impl, device=device)
 
     if mode == "fwd":
         def step():
             with torch.no_grad():
-                out = fn(*args)
-            sync()
-            return out
+                return fn(*args)
     else:
         def step():
-            out = fn(*args).sum()
-            grads = torch.autograd.grad(out, args)
-            sync()
-            return grads
+            return torch.autograd.grad(fn(*args).sum(), args)
 
-    step()  # warm-up (compiles torch.compile's graph outside the timing)
+    step = synchronized(step, device)
+    step()  # warm-up (compiles torch.compile's graph, and the Triton kernels, outside the timing)
     result = benchmark(step)
     assert result is not None
