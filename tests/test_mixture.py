@@ -263,3 +263,70 @@ def test_nan_input_gives_nan():
     for be in [p.values[0] for p in BACKENDS if p.values[1] == "cpu"]:
         out = acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=be)
         assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), be
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 (reliability)
+
+
+def large_logit_inputs(b, d, m, kind, scale, *, dtype, device, seed=0):
+    """make_inputs with logits far from the origin, drawn in float64 and rounded to ``dtype``.
+
+    kind "scaled": logits * scale (differences of the size of the logits: one-hot weights);
+    "offset": a per-row offset of about +-scale plus O(1) differences (distinct weights where the
+    dtype resolves them, ties where it rounds them away); "ulps": per-row offsets of about +-scale
+    with components a few float32 ulps apart (ties and near-ties).
+    """
+    z, lg, mu, ls, code = make_inputs(b, d, m, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    row = torch.where(torch.rand(b, 1, 1, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    row = row * scale * (1 + torch.rand(b, 1, 1, generator=g, dtype=torch.float64))
+    if kind == "scaled":
+        lg = lg * scale
+    elif kind == "offset":
+        lg = row + lg
+    else:
+        lg = row * (1 + 2.0**-21 * torch.randint(0, 4, lg.shape, generator=g, dtype=torch.float64))
+    return [t.to(dtype=dtype, device=device) for t in (z, lg, mu, ls, code)]
+
+
+# (backend, device, dtype): float64 where the backend takes it (cpu, torch).
+BACKEND_DTYPES = [
+    pytest.param(*p.values, dt, id=f"{p.id}-{str(dt)[6:]}", marks=p.marks)
+    for p in BACKENDS
+    for dt in ((torch.float32, torch.float64) if p.values[0] in ("cpu", "torch") else (torch.float32,))
+]
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("kind", ["scaled", "offset", "ulps"])
+def test_issue16_large_logits_keep_log_n(backend, device, dtype, kind):
+    """log p is a difference of two log-sum-exps, which cancels when taken over raw logits: at
+    |logits| ~ 1e10 the float32 kernels returned 0 where log p is about -8. Logits up to 1e30,
+    forward and every gradient, against the float64 reference on the same rounded values and
+    MixtureSameFamily on the exactly shifted logits (a shift leaves the density unchanged)."""
+    b, d = 6, 19  # 19 = one full 16-lane block of the CPU kernel and a staged tail
+    for m in (5, 17):  # 17 > the CPU kernel's 16-component chunk
+        for scale in (1e3, 1e6, 1e10, 1e20, 1e30):
+            z, lg, mu, ls, code = large_logit_inputs(b, d, m, kind, scale, dtype=dtype, device=device,
+                                                     seed=m)
+            ins = [z, lg, mu, ls]
+            with poisoned_outputs():
+                out, grads = run_grads(lambda *t: acn_kernels.mixture_log_prob(*t, backend=backend), ins)
+                kl = acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend)
+            ref_in = [t.double().cpu() for t in ins]
+            want, want_grads = run_grads(reference.mixture_log_prob, ref_in)
+            z64, lg64, mu64, ls64 = ref_in
+            msf = msf_log_prob(z64, lg64 - lg64.amax(-1, keepdim=True), mu64, ls64)
+            ctx = f"{kind} scale={scale:g} M={m}"
+            t = tol(dtype)
+            assert torch.isfinite(want).all() and want.abs().max() > 1.0, ctx  # a real test
+            torch.testing.assert_close(want, msf, rtol=1e-9, atol=1e-9 * d, msg=ctx)
+            torch.testing.assert_close(out.cpu().double(), want, rtol=t["rtol"], atol=t["atol"] * d, msg=ctx)
+            want_kl = reference.acn_kl(z64, code.double().cpu(), lg64, mu64, ls64)
+            torch.testing.assert_close(kl.cpu().double(), want_kl, rtol=t["rtol"], atol=t["atol"] * d, msg=ctx)
+            for name, got, w in zip(("dz", "dlogits", "dmeans", "dlog_scales"), grads, want_grads, strict=True):
+                scl = w.abs().max().item() + 1.0
+                torch.testing.assert_close(got.cpu().double(), w, rtol=t["rtol"] * 10, atol=t["atol"] * scl,
+                                           msg=f"{ctx} {name}")
+

@@ -4,6 +4,11 @@
 // are processed lane-wise (the innermost loops run over lanes, with no branches and the
 // vectorisable acn_exp/acn_log of acn_math.h, so GCC emits SIMD code for them). Components are
 // consumed in chunks of kChunk with an online log-sum-exp, so any M works with a fixed buffer.
+// Every block has all kLanes lanes: the last block of a row with D % kLanes != 0 is staged
+// through a zero-padded copy. With a run-time lane count GCC kept those loops scalar, which made
+// the backward 3x slower at D = 24 or 25 than at D = 16 or 32 (issue 16). Every lane loop is an
+// omp simd loop, the short initialisations too: left alone, GCC unrolls those completely, and
+// that kept the backward's component loop scalar (10x slower).
 //
 // The row loops are compiled three times, for AVX-512, AVX2+FMA and the baseline ISA, and the best
 // one the CPU runs is picked at run time (as in masked_topk.cpp, with the same ACN_CPU_ISA cap):
@@ -14,7 +19,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -44,20 +51,20 @@ struct MixtureArgs {
 // Running log-sum-exp per lane: merge a chunk of cm terms x[j][lane] whose per-lane maxima are
 // cmx into (mx, sum). Lanes innermost, so the exps vectorise. first: (mx, sum) still hold their
 // start values (-inf, 0), so the merged maximum is cmx and the zero sum needs no rescale; skipping
-// that exp saves two of the 3M + 2 exps per dimension when M <= kChunk, with identical results.
+// that exp saves one of the 3M + 1 exps per dimension when M <= kChunk, with identical results.
 template <typename acc_t>
 ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x)[kLanes], int64_t cm,
-                        int64_t n, bool first) {
+                        bool first) {
   acc_t shift[kLanes];
   if (first) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       shift[l] = acn::lse_shift(cmx[l]);
       mx[l] = cmx[l];
     }
   } else {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t new_mx = acn::max_of(mx[l], cmx[l]);
       shift[l] = acn::lse_shift(new_mx);
       // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
@@ -68,8 +75,22 @@ ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x
   }
   for (int64_t j = 0; j < cm; ++j) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) sum[l] += acn::acn_exp(x[j][l] - shift[l]);
+    for (int64_t l = 0; l < kLanes; ++l) sum[l] += acn::acn_exp(x[j][l] - shift[l]);
   }
+}
+
+// The logits' shift per lane (acn_math.h): lse_shift of the maximum of x[j][lane] over j < M.
+template <typename acc_t>
+ACN_BODY void logit_shift(const acc_t (*x)[kLanes], int64_t M, acc_t* shift) {
+  acc_t mx[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) mx[l] = acn::max_of(mx[l], x[j][l]);
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) shift[l] = acn::lse_shift(mx[l]);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -142,83 +163,144 @@ constexpr int64_t kFwdTransposeMinM = 3;
 #define ACN_HAVE_TRANSPOSE 0
 #endif
 
-// kTransposed (AVX-512 variant, float): full blocks with M in the range above go through
-// load_block; their lane loop is the generic one's, reading the transposed copies.
+// One block of kLanes consecutive elements of a row: z[l] and, for component j, lg[l * M + j]
+// (likewise mu, ls). Writes T and Lz (acn_math.h) of every lane to bt, lz.
+// kTransposed (AVX-512 variant, float): M in the range above goes through load_block; the lane
+// loop is the generic one's, reading the transposed copies.
+template <typename acc_t>
+ACN_BODY void fwd_finish(const acc_t* mxt, const acc_t* st, const acc_t* sl, acc_t* bt, acc_t* lz) {
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    bt[l] = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
+    lz[l] = acn::lse_finish(acc_t(0), sl[l]);  // the shifted logits' maximum is 0
+  }
+}
+
+template <typename scalar_t, bool kTransposed>
+ACN_BODY void fwd_block(int64_t M, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
+                        const scalar_t* ls, at::opmath_type<scalar_t>* bt,
+                        at::opmath_type<scalar_t>* lz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t zz[kLanes], sh[kLanes], sl[kLanes], mxt[kLanes], st[kLanes], cmt[kLanes];
+  acc_t tl[kChunk][kLanes], tt[kChunk][kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    zz[l] = static_cast<acc_t>(z[l]);
+    sl[l] = st[l] = 0;
+    mxt[l] = ninf;
+  }
+#if ACN_HAVE_TRANSPOSE
+  if constexpr (kTransposed) {
+    if (M >= kFwdTransposeMinM && M <= kTransposeMaxM) {
+      float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
+      load_block(lg, M, bl);
+      load_block(mu, M, bm);
+      load_block(ls, M, bs);
+      logit_shift(bl, M, sh);
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) cmt[l] = ninf;
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float t = acn::joint_term(zz[l], bl[j][l], sh[l], bm[j][l], bs[j][l],
+                                          acn::acn_exp(-bs[j][l]));
+          tt[j][l] = t;
+          cmt[l] = acn::max_of(cmt[l], t);
+          sl[l] += acn::weight_term(bl[j][l], sh[l]);
+        }
+      }
+      lse_merge(mxt, st, cmt, tt, M, true);
+      fwd_finish(mxt, st, sl, bt, lz);
+      return;
+    }
+  }
+#endif
+  // The shift needs every logit before the first joint term; the first chunk's logits stay in tl.
+  acc_t mxl[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mxl[l] = ninf;
+  for (int64_t j = 0; j < M; ++j) {
+    if (j < kChunk) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        tl[j][l] = static_cast<acc_t>(lg[l * M + j]);
+        mxl[l] = acn::max_of(mxl[l], tl[j][l]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l)
+        mxl[l] = acn::max_of(mxl[l], static_cast<acc_t>(lg[l * M + j]));
+    }
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) sh[l] = acn::lse_shift(mxl[l]);
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int64_t cm = std::min(kChunk, M - m0);
+    for (int64_t j = 0; j < (m0 > 0 ? cm : 0); ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) tl[j][l] = static_cast<acc_t>(lg[l * M + m0 + j]);
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) cmt[l] = ninf;
+    for (int64_t j = 0; j < cm; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t i = l * M + m0 + j;
+        const acc_t log_s = static_cast<acc_t>(ls[i]);
+        const acc_t t = acn::joint_term(zz[l], tl[j][l], sh[l], static_cast<acc_t>(mu[i]), log_s,
+                                        acn::acn_exp(-log_s));
+        tt[j][l] = t;
+        cmt[l] = acn::max_of(cmt[l], t);
+        sl[l] += acn::weight_term(tl[j][l], sh[l]);
+      }
+    }
+    lse_merge(mxt, st, cmt, tt, cm, m0 == 0);
+  }
+  fwd_finish(mxt, st, sl, bt, lz);
+}
+
+// The zero-padded copy of a row's last block, n < kLanes lanes: z [kLanes], then each of the
+// [kLanes, M] parameter arrays. The lanes from n on stay zero (a finite, discarded element).
+template <typename scalar_t>
+struct TailStage {
+  std::vector<scalar_t> buf;
+  int64_t M;
+  TailStage(int64_t D, int64_t M_) : buf(D % kLanes ? kLanes * (1 + 3 * M_) : 0, scalar_t(0)), M(M_) {}
+  scalar_t* z() { return buf.data(); }
+  scalar_t* param(int k) { return buf.data() + kLanes + k * kLanes * M; }
+  void load(const scalar_t* z_src, const scalar_t* const (&p_src)[3], int64_t n) {
+    std::copy(z_src, z_src + n, z());
+    for (int k = 0; k < 3; ++k) std::copy(p_src[k], p_src[k] + n * M, param(k));
+  }
+};
+
 template <typename scalar_t, bool kTransposed>
 ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
               const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
               at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M;
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  TailStage<scalar_t> tail(D, M);
   for (int64_t b = b0; b < b1; ++b) {
     acc_t row = 0;
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
       const int64_t n = std::min(kLanes, D - d0);
       const int64_t e0 = b * D + d0;
-      acc_t zz[kLanes], mxl[kLanes], sl[kLanes], mxt[kLanes], st[kLanes];
-      acc_t tl[kChunk][kLanes], tt[kChunk][kLanes], cml[kLanes], cmt[kLanes];
-      for (int64_t l = 0; l < n; ++l) {
-        zz[l] = static_cast<acc_t>(z[e0 + l]);
-        mxl[l] = mxt[l] = ninf;
-        sl[l] = st[l] = 0;
-      }
-      bool done = false;
-#if ACN_HAVE_TRANSPOSE
-      if constexpr (kTransposed) {
-        if (n == kLanes && M >= kFwdTransposeMinM && M <= kTransposeMaxM) {
-          float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
-          load_block(lg + e0 * M, M, bl);
-          load_block(mu + e0 * M, M, bm);
-          load_block(ls + e0 * M, M, bs);
-          for (int64_t l = 0; l < n; ++l) cml[l] = cmt[l] = ninf;
-          for (int64_t j = 0; j < M; ++j) {
-#pragma omp simd
-            for (int64_t l = 0; l < n; ++l) {
-              const float t = acn::joint_term(zz[l], bl[j][l], bm[j][l], bs[j][l],
-                                              acn::acn_exp(-bs[j][l]));
-              tt[j][l] = t;
-              cml[l] = acn::max_of(cml[l], bl[j][l]);
-              cmt[l] = acn::max_of(cmt[l], t);
-            }
-          }
-          lse_merge(mxl, sl, cml, bl, M, n, true);  // the logits as loaded: no copy into tl
-          lse_merge(mxt, st, cmt, tt, M, n, true);
-          done = true;
-        }
-      }
-#endif
-      for (int64_t m0 = 0; m0 < (done ? 0 : M); m0 += kChunk) {
-        const int64_t cm = std::min(kChunk, M - m0);
-        for (int64_t l = 0; l < n; ++l) cml[l] = cmt[l] = ninf;
-        for (int64_t j = 0; j < cm; ++j) {
-#pragma omp simd
-          for (int64_t l = 0; l < n; ++l) {
-            const int64_t i = (e0 + l) * M + m0 + j;
-            const acc_t logit = static_cast<acc_t>(lg[i]);
-            const acc_t log_s = static_cast<acc_t>(ls[i]);
-            const acc_t t = acn::joint_term(zz[l], logit, static_cast<acc_t>(mu[i]), log_s,
-                                            acn::acn_exp(-log_s));
-            tl[j][l] = logit;
-            tt[j][l] = t;
-            cml[l] = acn::max_of(cml[l], logit);
-            cmt[l] = acn::max_of(cmt[l], t);
-          }
-        }
-        lse_merge(mxl, sl, cml, tl, cm, n, m0 == 0);
-        lse_merge(mxt, st, cmt, tt, cm, n, m0 == 0);
-      }
       acc_t bt[kLanes], lz[kLanes];
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) {
-        bt[l] = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
-        lz[l] = acn::lse_finish(acn::lse_shift(mxl[l]), sl[l]);
+      if (n == kLanes) {
+        fwd_block<scalar_t, kTransposed>(M, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
+      } else {
+        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+        fwd_block<scalar_t, kTransposed>(M, tail.z(), tail.param(0), tail.param(1), tail.param(2),
+                                         bt, lz);
       }
       for (int64_t l = 0; l < n; ++l) {
         lse[2 * (e0 + l)] = bt[l];
         lse[2 * (e0 + l) + 1] = lz[l];
+        const acc_t zz = static_cast<acc_t>(z[e0 + l]);
         acc_t v = bt[l] - lz[l];
-        if (code) v = acn::std_normal_log_prob(zz[l], static_cast<acc_t>(code[e0 + l])) - v;
+        if (code) v = acn::std_normal_log_prob(zz, static_cast<acc_t>(code[e0 + l])) - v;
         if (a.per_dim)
           out[e0 + l] = v;
         else
@@ -229,6 +311,68 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
   }
 }
 
+// The backward of one block (layout as in fwd_block): per-component gradients to dlg, dmu, dls
+// (same layout), the mixture's part of dlog p / dz to gz. g, bt, lz per lane.
+template <typename scalar_t, bool kTransposed>
+ACN_BODY void bwd_block(int64_t M, const at::opmath_type<scalar_t>* g, const scalar_t* z,
+                        const scalar_t* lg, const scalar_t* mu, const scalar_t* ls,
+                        const at::opmath_type<scalar_t>* bt, const at::opmath_type<scalar_t>* lz,
+                        scalar_t* dlg, scalar_t* dmu, scalar_t* dls, at::opmath_type<scalar_t>* gz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t zz[kLanes], sh[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    zz[l] = static_cast<acc_t>(z[l]);
+    gz[l] = 0;
+  }
+#if ACN_HAVE_TRANSPOSE
+  if constexpr (kTransposed) {
+    if (M <= kTransposeMaxM) {
+      float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
+      float gl[kChunk][kLanes], gm[kChunk][kLanes], gs[kChunk][kLanes];
+      load_block(lg, M, bl);
+      load_block(mu, M, bm);
+      load_block(ls, M, bs);
+      logit_shift(bl, M, sh);
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          gz[l] += acn::component_grads(g[l], zz[l], bl[j][l], sh[l], bm[j][l], bs[j][l], bt[l],
+                                        lz[l], &gl[j][l], &gm[j][l], &gs[j][l]);
+        }
+      }
+      store_block(gl, M, dlg);
+      store_block(gm, M, dmu);
+      store_block(gs, M, dls);
+      return;
+    }
+  }
+#endif
+  acc_t mxl[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mxl[l] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l)
+      mxl[l] = acn::max_of(mxl[l], static_cast<acc_t>(lg[l * M + j]));
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) sh[l] = acn::lse_shift(mxl[l]);
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t i = l * M + j;
+      acc_t dl, dm, ds;
+      gz[l] += acn::component_grads(g[l], zz[l], static_cast<acc_t>(lg[i]), sh[l],
+                                    static_cast<acc_t>(mu[i]), static_cast<acc_t>(ls[i]), bt[l],
+                                    lz[l], &dl, &dm, &ds);
+      dlg[i] = static_cast<scalar_t>(dl);
+      dmu[i] = static_cast<scalar_t>(dm);
+      dls[i] = static_cast<scalar_t>(ds);
+    }
+  }
+}
+
 template <typename scalar_t, bool kTransposed>
 ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad, const scalar_t* z,
               const scalar_t* lg, const scalar_t* mu, const scalar_t* ls, const scalar_t* code,
@@ -236,58 +380,36 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
               scalar_t* dls, scalar_t* dcode, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M;
+  TailStage<scalar_t> tail(D, M);
+  std::vector<scalar_t> tail_grads(D % kLanes ? 3 * kLanes * M : 0);  // dlg, dmu, dls of the tail
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
       const int64_t n = std::min(kLanes, D - d0);
       const int64_t e0 = b * D + d0;
-      acc_t zz[kLanes], g[kLanes], gz[kLanes], bt[kLanes], lz[kLanes];
+      // Padding lanes (l >= n) get g = 0 and finite T, Lz: their results are discarded.
+      acc_t g[kLanes] = {}, gz[kLanes], bt[kLanes] = {}, lz[kLanes] = {};
       for (int64_t l = 0; l < n; ++l) {
-        zz[l] = static_cast<acc_t>(z[e0 + l]);
         const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
         g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
-        gz[l] = 0;
         bt[l] = lse[2 * (e0 + l)];
         lz[l] = lse[2 * (e0 + l) + 1];
       }
-      bool done = false;
-#if ACN_HAVE_TRANSPOSE
-      if constexpr (kTransposed) {
-        if (n == kLanes && M <= kTransposeMaxM) {
-          float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
-          float gl[kChunk][kLanes], gm[kChunk][kLanes], gs[kChunk][kLanes];
-          load_block(lg + e0 * M, M, bl);
-          load_block(mu + e0 * M, M, bm);
-          load_block(ls + e0 * M, M, bs);
-          for (int64_t j = 0; j < M; ++j) {
-#pragma omp simd
-            for (int64_t l = 0; l < n; ++l) {
-              gz[l] += acn::component_grads(g[l], zz[l], bl[j][l], bm[j][l], bs[j][l], bt[l], lz[l],
-                                            &gl[j][l], &gm[j][l], &gs[j][l]);
-            }
-          }
-          store_block(gl, M, dlg + e0 * M);
-          store_block(gm, M, dmu + e0 * M);
-          store_block(gs, M, dls + e0 * M);
-          done = true;
-        }
-      }
-#endif
-      for (int64_t j = 0; j < (done ? 0 : M); ++j) {
-#pragma omp simd
-        for (int64_t l = 0; l < n; ++l) {
-          const int64_t i = (e0 + l) * M + j;
-          acc_t dl, dm, ds;
-          gz[l] += acn::component_grads(g[l], zz[l], static_cast<acc_t>(lg[i]),
-                                        static_cast<acc_t>(mu[i]), static_cast<acc_t>(ls[i]), bt[l],
-                                        lz[l], &dl, &dm, &ds);
-          dlg[i] = static_cast<scalar_t>(dl);
-          dmu[i] = static_cast<scalar_t>(dm);
-          dls[i] = static_cast<scalar_t>(ds);
-        }
+      if (n == kLanes) {
+        bwd_block<scalar_t, kTransposed>(M, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt,
+                                         lz, dlg + e0 * M, dmu + e0 * M, dls + e0 * M, gz);
+      } else {
+        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+        scalar_t* tg = tail_grads.data();
+        bwd_block<scalar_t, kTransposed>(M, g, tail.z(), tail.param(0), tail.param(1),
+                                         tail.param(2), bt, lz, tg, tg + kLanes * M,
+                                         tg + 2 * kLanes * M, gz);
+        std::copy(tg, tg + n * M, dlg + e0 * M);
+        std::copy(tg + kLanes * M, tg + kLanes * M + n * M, dmu + e0 * M);
+        std::copy(tg + 2 * kLanes * M, tg + 2 * kLanes * M + n * M, dls + e0 * M);
       }
       for (int64_t l = 0; l < n; ++l) {
         if (code) {
-          const acc_t e = zz[l] - static_cast<acc_t>(code[e0 + l]);
+          const acc_t e = static_cast<acc_t>(z[e0 + l]) - static_cast<acc_t>(code[e0 + l]);
           const acc_t go = -g[l];
           gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
           dcode[e0 + l] = static_cast<scalar_t>(go * e);
