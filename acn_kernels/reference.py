@@ -35,11 +35,14 @@ def mixture_log_prob_per_dim(
     with torch.no_grad():
         u0 = (zm - means) * torch.exp(-log_scales)
         underflow = torch.isneginf(-0.5 * u0 * u0 - log_scales)
-    # Where the density is exactly zero, evaluate at a harmless point and put -inf back through
-    # torch.where, so the zero gradient is not multiplied by an infinite u.
-    means = torch.where(underflow, zm.detach(), means)
-    log_scales = torch.where(underflow, torch.zeros_like(log_scales), log_scales)
-    u = (zm - means) * torch.exp(-log_scales)
+    # Where the density is exactly zero, evaluate at a harmless point (z = mu = 0, sigma = 1) and
+    # put -inf back through torch.where, so the zero gradient is not multiplied by an infinite u
+    # (nor by inf - inf where z itself is infinite).
+    zero = torch.zeros((), dtype=dt, device=z.device)
+    zc = torch.where(underflow, zero, zm)
+    means = torch.where(underflow, zero, means)
+    log_scales = torch.where(underflow, zero, log_scales)
+    u = (zc - means) * torch.exp(-log_scales)
     log_n = torch.where(underflow, -math.inf, -0.5 * u * u - log_scales - HALF_LOG_2PI)
     terms = torch.log_softmax(logits, dim=-1) + log_n
     with torch.no_grad():

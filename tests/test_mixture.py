@@ -330,3 +330,28 @@ def test_issue16_large_logits_keep_log_n(backend, device, dtype, kind):
                 torch.testing.assert_close(got.cpu().double(), w, rtol=t["rtol"] * 10, atol=t["atol"] * scl,
                                            msg=f"{ctx} {name}")
 
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_issue16_infinite_z_gives_minus_inf_and_zero_gradients(backend, device, dtype):
+    """z = +-inf: every term is -inf, so log p = -inf with zero gradients (the documented rule for
+    such a dimension); the torch backend gave dz = NaN there (inf - inf inside its harmless
+    point). The other dimensions keep their values and gradients."""
+    z, lg, mu, ls, _ = make_inputs(3, 18, 4, dtype=dtype, device=device, seed=21)
+    z[0, 2], z[2, 17] = math.inf, -math.inf
+    with poisoned_outputs():
+        out, grads = run_grads(lambda *t: acn_kernels.mixture_log_prob(*t, per_dim=True, backend=backend),
+                               [z, lg, mu, ls])
+    out, grads = out.cpu(), [g.cpu() for g in grads]
+    dead = torch.zeros(3, 18, dtype=torch.bool)
+    dead[0, 2] = dead[2, 17] = True
+    assert (out[dead] == -math.inf).all()
+    for g in grads:
+        assert (g[dead] == 0).all() and torch.isfinite(g).all()
+    live_in = [t.double().cpu() for t in (z, lg, mu, ls)]
+    live_in[0] = torch.where(dead, 0.0, live_in[0])
+    want, want_grads = run_grads(lambda *t: reference.mixture_log_prob(*t, per_dim=True), live_in)
+    t = tol(dtype)
+    torch.testing.assert_close(out[~dead].double(), want[~dead], **t)
+    for g, w in zip(grads, want_grads, strict=True):
+        scl = w.abs().max().item() + 1.0
+        torch.testing.assert_close(g[~dead].double(), w[~dead], rtol=t["rtol"] * 10, atol=t["atol"] * scl)
