@@ -695,3 +695,18 @@ def test_issue16_reference_filter_is_exact(monkeypatch, dtype, kind):
     # The random data never need the every-row rescoring; far and huge data always do.
     assert (calls["all"] > 0) == (kind in ("far", "huge")), calls
 
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_issue16_float64_overflow_gives_dbl_max(backend):
+    """A finite float64 pair whose distance overflows reports the largest finite value of the
+    result dtype, DBL_MAX (the rule of the README), ranked after the finite pairs."""
+    if backend == "cpu" and not acn_kernels.backends()["cpu"]:
+        pytest.skip("no compiled extension")
+    bank = torch.zeros(4, 3, dtype=torch.float64)
+    bank[1] = 3e154  # (3e154)^2 * 3 overflows float64
+    bank[2] = 1.0
+    bank[3, 1] = math.inf
+    dd, ii = run(backend, torch.zeros(1, 3, dtype=torch.float64), bank, 4)
+    dbl_max = torch.finfo(torch.float64).max
+    assert ii.tolist() == [[0, 2, 1, -1]]
+    assert dd[0, :3].tolist() == [0.0, 3.0, dbl_max] and math.isinf(dd[0, 3])
