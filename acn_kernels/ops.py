@@ -164,6 +164,17 @@ def register_mixture(fwd_name: str, bwd_name: str) -> None:
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
+    # The fused backward has no derivative of its own: without this, a double backward through
+    # it only warns and returns zeros. (The "torch" backend is plain autograd and supports it.)
+    def double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{bwd_name} has no derivative: double backward (create_graph=True and a gradient of "
+            "the gradient) through mixture_log_prob / acn_kl is not supported on the compiled "
+            "backends; use backend='torch' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(bwd_name, double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 def topk_backward_dists(
     grad: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor

@@ -355,3 +355,19 @@ def test_issue16_infinite_z_gives_minus_inf_and_zero_gradients(backend, device, 
     for g, w in zip(grads, want_grads, strict=True):
         scl = w.abs().max().item() + 1.0
         torch.testing.assert_close(g[~dead].double(), w[~dead], rtol=t["rtol"] * 10, atol=t["atol"] * scl)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_issue16_double_backward_raises_or_is_exact(backend, device):
+    """A gradient of a gradient through the fused ops: the compiled backends raise a clear error
+    (PyTorch only warned and returned zeros); the torch backend differentiates twice."""
+    z, lg, mu, ls, code = make_inputs(3, 5, 4, device=device, seed=31,
+                                      dtype=torch.float32 if backend in ("triton", "cuda") else torch.float64)
+    leaves = [t.requires_grad_() for t in (z, code, lg, mu, ls)]
+    kl = acn_kernels.acn_kl(*leaves, backend=backend)
+    (gz,) = torch.autograd.grad(kl.sum(), leaves[0], create_graph=True)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="double backward"):
+            gz.square().sum().backward()
+        return
+    assert torch.autograd.gradgradcheck(lambda *t: acn_kernels.acn_kl(*t, backend="torch"), leaves)
