@@ -155,8 +155,11 @@ def register_mixture(fwd_name: str, bwd_name: str) -> None:
         ctx.save_for_backward(z, logits, means, log_scales, code, output[1])
         ctx.per_dim = per_dim
         ctx.has_code = code is not None
+        ctx.set_materialize_grads(False)  # lse has no gradient: no [B, D, 2] of zeros per call
 
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # only lse was used; it is not differentiated
+            return None, None, None, None, None, None
         z, logits, means, log_scales, code, lse = ctx.saved_tensors
         dz, dl, dm, ds, dc = bwd(grad_out.contiguous(), z, logits, means, log_scales,
                                  code if ctx.has_code else None, lse, ctx.per_dim)

@@ -14,7 +14,9 @@
 // one the CPU runs is picked at run time (as in masked_topk.cpp, with the same ACN_CPU_ISA cap):
 // the lane loops are exp/log polynomials, so wider vectors pay off almost linearly, and the
 // baseline build (SSE2) leaves 3x on the table on a current x86 CPU. The AVX-512 float variant
-// also replaces the stride-M gathers and scatters of full blocks by in-register transposes.
+// also replaces the stride-M gathers and scatters by a flat layout: a block's parameters are
+// read and its gradients written as contiguous vectors, with in-register transposes only for
+// the sums and maxima over components.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -97,9 +99,8 @@ ACN_BODY void logit_shift(const acc_t (*x)[kLanes], int64_t M, acc_t* shift) {
 #define ACN_HAVE_TRANSPOSE 1
 // Block transposes for the AVX-512 variant. The lane loops read component j of 16 consecutive
 // dims, a stride-M gather that GCC assembles from scalar loads and inserts (and scatters the
-// gradients likewise); for full float blocks (any M <= kChunk; used up to kTransposeMaxM) these
-// move the block's 16 * M contiguous values with M vector loads (stores) and M * ceil(M / 2)
-// two-source permutes instead.
+// gradients likewise); for full float blocks (any M <= kChunk) this moves the block's 16 * M
+// contiguous values with M vector loads and M * ceil(M / 2) two-source permutes instead.
 // Out of line: the row loops that call them are compiled without a target before they are
 // inlined into their ISA variants, and GCC checks always_inline against that generic copy.
 #define ACN_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
@@ -125,48 +126,48 @@ ACN_AVX512_FN void load_block(const float* src, int64_t M, float (*dst)[kLanes])
   }
 }
 
-// The inverse, dst[l * M + j] = src[j][l]: lane q of output vector k holds element s = 16k + q,
-// component j = s % M of lane l = s / M, found in the row pair (src[2p], src[2p + 1]) with
-// p = j / 2 at index l + 16 * (j % 2).
-ACN_AVX512_FN void store_block(const float (*src)[kLanes], int64_t M, float* dst) {
-  __m512 v[kChunk];
-  for (int64_t j = 0; j < M; ++j) v[j] = _mm512_loadu_ps(src[j]);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i vm = _mm512_set1_epi32(static_cast<int>(M));
-  for (int64_t k = 0; k < M; ++k) {
-    const __m512i s = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(kLanes * k)));
-    // s / M in float (AVX-512F has no integer division): exact, as s < 256 keeps every
-    // non-integer quotient at least 1/16 away from an integer.
-    const __m512i l =
-        _mm512_cvttps_epi32(_mm512_div_ps(_mm512_cvtepi32_ps(s), _mm512_cvtepi32_ps(vm)));
-    const __m512i j = _mm512_sub_epi32(s, _mm512_mullo_epi32(l, vm));
-    const __m512i idx =
-        _mm512_add_epi32(l, _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(1)), 4));
-    const __m512i pair = _mm512_srli_epi32(j, 1);
-    __m512 out = _mm512_setzero_ps();
-    for (int64_t p = 0; 2 * p < M; ++p) {
-      const __mmask16 m = _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(static_cast<int>(p)));
-      const __m512 hi = 2 * p + 1 < M ? v[2 * p + 1] : v[2 * p];
-      out = _mm512_mask_mov_ps(out, m, _mm512_permutex2var_ps(v[2 * p], idx, hi));
-    }
-    _mm512_storeu_ps(dst + kLanes * k, out);
-  }
+// The flat layout: vector k of a block's 16 * M parameters holds element s = 16k + q in lane q,
+// i.e. component s % M of lane s / M. out[i][q] = v[i][(16k + q) / M] spreads N per-lane values
+// over their M components there (one permute each).
+template <int N>
+ACN_AVX512_FN void spread(int64_t M, int64_t k, const float* const (&v)[N], float (*out)[kLanes]) {
+  const __m512i s = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32(static_cast<int>(kLanes * k)));
+  // s / M in float (AVX-512F has no integer division): exact, as s < 256 keeps every
+  // non-integer quotient at least 1/16 away from an integer.
+  const __m512i l = _mm512_cvttps_epi32(
+      _mm512_div_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(static_cast<float>(M))));
+  for (int i = 0; i < N; ++i) _mm512_storeu_ps(out[i], _mm512_permutexvar_ps(l, _mm512_loadu_ps(v[i])));
+}
+
+// The flat vectors that hold the first n lanes' components, ceil(n * M / 16): a staged last block
+// computes only those. The rest of the flat buffer (read by the transpose, for discarded lanes)
+// is zeroed.
+inline int64_t flat_vectors(int64_t n, int64_t M, float* flat) {
+  const int64_t nv = (n * M + kLanes - 1) / kLanes;
+  std::fill(flat + nv * kLanes, flat + M * kLanes, 0.0f);
+  return nv;
 }
 #undef ACN_AVX512_FN
 
-// Where the transposes pay (AVX-512, B=1024 D=32, one thread): the backward gains 10-20% for
-// M <= 12, the forward up to 8% for 3 <= M <= 12; beyond, the M * ceil(M / 2) permutes per vector
-// cost what they save (the forward at M = 2 is 7% slower with them).
-constexpr int64_t kTransposeMaxM = 12;
-constexpr int64_t kFwdTransposeMinM = 3;
+// Where the flat layout pays (AVX-512, float, one thread, issue 16): it transposes two arrays per
+// block (M * ceil(M / 2) permutes each) instead of the six (forward: three) of a per-component
+// layout, plus N permutes per flat vector in spread. The backward gains 20-40% over the
+// per-component layout for 5 <= M <= 16 (more with M) and takes it up to load_block's limit;
+// the forward gains 0-10% for 3 <= M <= 12, and at M = 1, 2 or above 12 the permutes cost what
+// they save, so those M take the generic path.
+constexpr int64_t kFwdFlatMinM = 3;
+constexpr int64_t kFwdFlatMaxM = 12;
+constexpr int64_t kBwdFlatMaxM = kChunk;
 #else
 #define ACN_HAVE_TRANSPOSE 0
 #endif
 
 // One block of kLanes consecutive elements of a row: z[l] and, for component j, lg[l * M + j]
-// (likewise mu, ls). Writes T and Lz (acn_math.h) of every lane to bt, lz.
-// kTransposed (AVX-512 variant, float): M in the range above goes through load_block; the lane
-// loop is the generic one's, reading the transposed copies.
+// (likewise mu, ls); the first n lanes are live (the others a staged block's zero padding).
+// Writes T and Lz (acn_math.h) of every lane to bt, lz.
+// kFlat (AVX-512 variant, float): M in the range above computes the joint terms in the flat
+// layout (spread) and transposes them (load_block) for the sums over components.
 template <typename acc_t>
 ACN_BODY void fwd_finish(const acc_t* mxt, const acc_t* st, const acc_t* sl, acc_t* bt, acc_t* lz) {
 #pragma omp simd
@@ -176,8 +177,8 @@ ACN_BODY void fwd_finish(const acc_t* mxt, const acc_t* st, const acc_t* sl, acc
   }
 }
 
-template <typename scalar_t, bool kTransposed>
-ACN_BODY void fwd_block(int64_t M, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
+template <typename scalar_t, bool kFlat>
+ACN_BODY void fwd_block(int64_t M, int64_t n, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
                         const scalar_t* ls, at::opmath_type<scalar_t>* bt,
                         at::opmath_type<scalar_t>* lz) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -191,22 +192,30 @@ ACN_BODY void fwd_block(int64_t M, const scalar_t* z, const scalar_t* lg, const 
     mxt[l] = ninf;
   }
 #if ACN_HAVE_TRANSPOSE
-  if constexpr (kTransposed) {
-    if (M >= kFwdTransposeMinM && M <= kTransposeMaxM) {
-      float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
+  if constexpr (kFlat) {
+    if (M >= kFwdFlatMinM && M <= kFwdFlatMaxM) {
+      // The joint terms in the flat layout, transposed for the sums over components.
+      float bl[kChunk][kLanes], flat_t[kChunk * kLanes];
       load_block(lg, M, bl);
-      load_block(mu, M, bm);
-      load_block(ls, M, bs);
       logit_shift(bl, M, sh);
+      const int64_t nv = flat_vectors(n, M, flat_t);
+      for (int64_t k = 0; k < nv; ++k) {
+        float sp[2][kLanes];  // z and the shift of each flat element of vector k
+        spread<2>(M, k, {zz, sh}, sp);
+        const int64_t f0 = kLanes * k;
+#pragma omp simd
+        for (int64_t q = 0; q < kLanes; ++q) {
+          const int64_t f = f0 + q;
+          flat_t[f] = acn::joint_term(sp[0][q], lg[f], sp[1][q], mu[f], ls[f], acn::acn_exp(-ls[f]));
+        }
+      }
+      load_block(flat_t, M, tt);
 #pragma omp simd
       for (int64_t l = 0; l < kLanes; ++l) cmt[l] = ninf;
       for (int64_t j = 0; j < M; ++j) {
 #pragma omp simd
         for (int64_t l = 0; l < kLanes; ++l) {
-          const float t = acn::joint_term(zz[l], bl[j][l], sh[l], bm[j][l], bs[j][l],
-                                          acn::acn_exp(-bs[j][l]));
-          tt[j][l] = t;
-          cmt[l] = acn::max_of(cmt[l], t);
+          cmt[l] = acn::max_of(cmt[l], tt[j][l]);
           sl[l] += acn::weight_term(bl[j][l], sh[l]);
         }
       }
@@ -275,7 +284,7 @@ struct TailStage {
   }
 };
 
-template <typename scalar_t, bool kTransposed>
+template <typename scalar_t, bool kFlat>
 ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
               const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
               at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
@@ -289,10 +298,10 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
       const int64_t e0 = b * D + d0;
       acc_t bt[kLanes], lz[kLanes];
       if (n == kLanes) {
-        fwd_block<scalar_t, kTransposed>(M, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
+        fwd_block<scalar_t, kFlat>(M, n, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
       } else {
         tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
-        fwd_block<scalar_t, kTransposed>(M, tail.z(), tail.param(0), tail.param(1), tail.param(2),
+        fwd_block<scalar_t, kFlat>(M, n, tail.z(), tail.param(0), tail.param(1), tail.param(2),
                                          bt, lz);
       }
       for (int64_t l = 0; l < n; ++l) {
@@ -311,10 +320,10 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
   }
 }
 
-// The backward of one block (layout as in fwd_block): per-component gradients to dlg, dmu, dls
-// (same layout), the mixture's part of dlog p / dz to gz. g, bt, lz per lane.
-template <typename scalar_t, bool kTransposed>
-ACN_BODY void bwd_block(int64_t M, const at::opmath_type<scalar_t>* g, const scalar_t* z,
+// The backward of one block (layout and n as in fwd_block): per-component gradients to dlg, dmu,
+// dls (same layout), the mixture's part of dlog p / dz to gz. g, bt, lz per lane.
+template <typename scalar_t, bool kFlat>
+ACN_BODY void bwd_block(int64_t M, int64_t n, const at::opmath_type<scalar_t>* g, const scalar_t* z,
                         const scalar_t* lg, const scalar_t* mu, const scalar_t* ls,
                         const at::opmath_type<scalar_t>* bt, const at::opmath_type<scalar_t>* lz,
                         scalar_t* dlg, scalar_t* dmu, scalar_t* dls, at::opmath_type<scalar_t>* gz) {
@@ -326,24 +335,32 @@ ACN_BODY void bwd_block(int64_t M, const at::opmath_type<scalar_t>* g, const sca
     gz[l] = 0;
   }
 #if ACN_HAVE_TRANSPOSE
-  if constexpr (kTransposed) {
-    if (M <= kTransposeMaxM) {
-      float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
-      float gl[kChunk][kLanes], gm[kChunk][kLanes], gs[kChunk][kLanes];
+  if constexpr (kFlat) {
+    if (M <= kBwdFlatMaxM) {
+      float bl[kChunk][kLanes], flat_gz[kChunk * kLanes], tg[kChunk][kLanes];
       load_block(lg, M, bl);
-      load_block(mu, M, bm);
-      load_block(ls, M, bs);
       logit_shift(bl, M, sh);
-      for (int64_t j = 0; j < M; ++j) {
+      const int64_t nv = flat_vectors(n, M, flat_gz);
+      for (int64_t k = 0; k < nv; ++k) {
+        float sp[5][kLanes];  // g, z, shift, T, Lz of each flat element of vector k
+        spread<5>(M, k, {g, zz, sh, bt, lz}, sp);
+        const int64_t f0 = kLanes * k;
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) {
-          gz[l] += acn::component_grads(g[l], zz[l], bl[j][l], sh[l], bm[j][l], bs[j][l], bt[l],
-                                        lz[l], &gl[j][l], &gm[j][l], &gs[j][l]);
+        for (int64_t q = 0; q < kLanes; ++q) {
+          const int64_t f = f0 + q;
+          float dl, dm, ds;
+          flat_gz[f] = acn::component_grads(sp[0][q], sp[1][q], lg[f], sp[2][q], mu[f], ls[f],
+                                            sp[3][q], sp[4][q], &dl, &dm, &ds);
+          dlg[f] = dl;
+          dmu[f] = dm;
+          dls[f] = ds;
         }
       }
-      store_block(gl, M, dlg);
-      store_block(gm, M, dmu);
-      store_block(gs, M, dls);
+      load_block(flat_gz, M, tg);  // summed over the components in order, as below
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) gz[l] += tg[j][l];
+      }
       return;
     }
   }
@@ -373,7 +390,7 @@ ACN_BODY void bwd_block(int64_t M, const at::opmath_type<scalar_t>* g, const sca
   }
 }
 
-template <typename scalar_t, bool kTransposed>
+template <typename scalar_t, bool kFlat>
 ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad, const scalar_t* z,
               const scalar_t* lg, const scalar_t* mu, const scalar_t* ls, const scalar_t* code,
               const at::opmath_type<scalar_t>* lse, scalar_t* dz, scalar_t* dlg, scalar_t* dmu,
@@ -395,12 +412,12 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
         lz[l] = lse[2 * (e0 + l) + 1];
       }
       if (n == kLanes) {
-        bwd_block<scalar_t, kTransposed>(M, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt,
+        bwd_block<scalar_t, kFlat>(M, n, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt,
                                          lz, dlg + e0 * M, dmu + e0 * M, dls + e0 * M, gz);
       } else {
         tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
         scalar_t* tg = tail_grads.data();
-        bwd_block<scalar_t, kTransposed>(M, g, tail.z(), tail.param(0), tail.param(1),
+        bwd_block<scalar_t, kFlat>(M, n, g, tail.z(), tail.param(0), tail.param(1),
                                          tail.param(2), bt, lz, tg, tg + kLanes * M,
                                          tg + 2 * kLanes * M, gz);
         std::copy(tg, tg + n * M, dlg + e0 * M);

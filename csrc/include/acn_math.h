@@ -56,8 +56,8 @@ ACN_HD float acn_exp(float x) {
   const int32_t n1 = n >> 1, n2 = n - n1;
   float y = p * bits_to_float((n1 + 127) << 23) * bits_to_float((n2 + 127) << 23);
   y = x < -103.9720840454f ? 0.0f : y;  // below the smallest denormal
-  y = x > 88.7228391117f ? inf_v<float>() : y;
-  return x != x ? x : y;
+  // A NaN x needs no select of its own: it reaches y through r and p (both comparisons false).
+  return x > 88.7228391117f ? inf_v<float>() : y;
 #endif
 }
 
