@@ -36,14 +36,28 @@ def register_mixture(fwd_name: str, bwd_name: str) -> None:
         ctx.save_for_backward(z, logits, means, log_scales, code, output[1])
         ctx.per_dim = per_dim
         ctx.has_code = code is not None
+        ctx.set_materialize_grads(False)  # lse has no gradient: no [B, D, 2] of zeros per call
 
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # only lse was used; it is not differentiated
+            return None, None, None, None, None, None
         z, logits, means, log_scales, code, lse = ctx.saved_tensors
         dz, dl, dm, ds, dc = bwd(grad_out.contiguous(), z, logits, means, log_scales,
                                  code if ctx.has_code else None, lse, ctx.per_dim)
         return dz, dl, dm, ds, (dc if ctx.has_code else None), None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+    # The fused backward has no derivative of its own: without this, a double backward through
+    # it only warns and returns zeros. (The "torch" backend is plain autograd and supports it.)
+    def double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{bwd_name} has no derivative: double backward (create_graph=True and a gradient of "
+            "the gradient) through mixture_log_prob / acn_kl is not supported on the compiled "
+            "backends; use backend='torch' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(bwd_name, double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def masked_topk_backward(

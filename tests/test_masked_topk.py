@@ -613,3 +613,113 @@ def test_unsupported_dtype_names_every_backend(backend, dtype):
         acn_kernels.masked_topk(q, q.clone(), 1, backend=backend)
     for name in acn_kernels.dispatch.BACKENDS:
         assert f"{name}: " in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 (reliability)
+
+
+def assert_order_contract(d, i):
+    """Ascending by (distance, row) among the filled entries; +inf / -1 padding at the tail."""
+    fin = i >= 0
+    a_d, b_d, a_i, b_i = d[:, :-1], d[:, 1:], i[:, :-1], i[:, 1:]
+    pair = fin[:, 1:]
+    good = (a_d < b_d) | ((a_d == b_d) & (a_i < b_i))
+    assert (good | ~pair).all(), "dists descending, or a tie with the larger row first"
+
+
+@pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float32, torch.float64]))
+def test_issue16_non_contiguous_inputs_keep_the_order_contract(backend, device, dtype):
+    """A column-major bank and transposed queries: the same result, bit for bit, as for
+    contiguous copies, and ascending by (distance, row). The torch backend selected by distances
+    summed in the inputs' layout and reported distances summed in another, which round
+    differently (13 of 150 such random cases broke the order)."""
+    g = torch.Generator().manual_seed(16)
+    for case in range(sized(backend, device, 150, 6)):
+        b, n, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 9), (8, 200), (2, 70)))
+        k = int(torch.randint(1, min(n, 12) + 1, (1,), generator=g))
+        q = torch.randn(b, d, generator=g, dtype=torch.float64) * 3
+        bank = torch.randn(n, d, generator=g, dtype=torch.float64) * 3
+        bank[n // 2:] = bank[: n - n // 2] + 1e-7 * torch.randn(n - n // 2, d, generator=g, dtype=torch.float64)
+        q, bank = q.to(dtype=dtype, device=device), bank.to(dtype=dtype, device=device)
+        q_t, bank_cm = q.t().contiguous().t(), bank.t().contiguous().t()
+        assert not q_t.is_contiguous() and not bank_cm.is_contiguous()
+        dd, ii = run_topk(backend, q_t, bank_cm, k)
+        assert_order_contract(dd, ii)
+        cd, ci = run_topk(backend, q, bank, k)
+        assert torch.equal(ii, ci) and torch.equal(dd, cd), f"case {case}: layout changed the result"
+
+
+def brute_force_topk(q, bank, k, mask=None, excl=None):
+    """Every pair's direct-form distance (reference.sq_dist, the reference's arithmetic), then a
+    stable sort by distance of the rows in ascending order: the oracle's definition, no filter."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, bank = q.to(dt), bank.to(dt)
+    d = reference.sq_dist(q.unsqueeze(1) - bank.unsqueeze(0))
+    d = torch.where(torch.isinf(d), torch.finfo(dt).max, d)
+    bad = ~torch.isfinite(q).all(1).unsqueeze(1) | ~torch.isfinite(bank).all(1).unsqueeze(0)
+    if mask is not None:
+        bad = bad | mask.unsqueeze(0)
+    if excl is not None:
+        bad = bad | (torch.arange(bank.shape[0]).unsqueeze(0) == excl.unsqueeze(1))
+    d = d.masked_fill(bad, math.inf)
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    dd = d.gather(1, order)
+    return dd, torch.where(torch.isinf(dd), -1, order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "ties", "far", "huge"])
+def test_issue16_reference_filter_is_exact(monkeypatch, dtype, kind):
+    """The torch reference filters with the expanded form (a GEMM) and rescores exactly: bit for
+    bit the brute-force direct-form top-k on random data (the filter path), grid data full of
+    ties (candidate lists that must grow), data far from the origin (a rounding bound larger
+    than the gaps: every row rescored) and norms that overflow (no finite bound); with masks,
+    exclusions, and tiles small enough to split queries and rows."""
+    calls = {"all": 0}
+    real_all = reference._exact_all
+
+    def counting_all(*a, **kw):
+        calls["all"] += 1
+        return real_all(*a, **kw)
+
+    monkeypatch.setattr(reference, "_exact_all", counting_all)
+    g = torch.Generator().manual_seed(61)
+    b, n, d, k = 37, 900, 9, 7
+    if kind == "ties":
+        q, bank = grid_data(b, d, seed=3, levels=3), grid_data(n, d, seed=4, levels=3)
+    else:
+        q = torch.randn(b, d, generator=g, dtype=torch.float64)
+        bank = torch.randn(n, d, generator=g, dtype=torch.float64)
+        if kind == "far":  # |q|^2 eps well above the gaps between distances
+            off = 1e12 if dtype == torch.float64 else 1e4
+            q, bank = q + off, bank + off
+        elif kind == "huge":
+            bank[::7] *= 1e200 if dtype == torch.float64 else 1e20
+    q, bank = q.to(dtype), bank.to(dtype)
+    bank[5, 2] = math.nan
+    q[3, 0] = math.inf
+    mask = torch.rand(n, generator=g) < 0.3
+    excl = torch.randint(-1, n, (b,), generator=g)
+    for chunk in (1 << 22, 1 << 10):
+        got = reference.masked_topk(q, bank, k, mask, excl, chunk_elems=chunk)
+        want = brute_force_topk(q, bank, k, mask, excl)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (kind, chunk)
+    # The random data never need the every-row rescoring; far and huge data always do.
+    assert (calls["all"] > 0) == (kind in ("far", "huge")), calls
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_issue16_float64_overflow_gives_dbl_max(backend):
+    """A finite float64 pair whose distance overflows reports the largest finite value of the
+    result dtype, DBL_MAX (the rule of the README), ranked after the finite pairs."""
+    if backend == "cpu" and not acn_kernels.backends()["cpu"]:
+        pytest.skip("no compiled extension")
+    bank = torch.zeros(4, 3, dtype=torch.float64)
+    bank[1] = 3e154  # (3e154)^2 * 3 overflows float64
+    bank[2] = 1.0
+    bank[3, 1] = math.inf
+    dd, ii = run_topk(backend, torch.zeros(1, 3, dtype=torch.float64), bank, 4)
+    dbl_max = torch.finfo(torch.float64).max
+    assert ii.tolist() == [[0, 2, 1, -1]]
+    assert dd[0, :3].tolist() == [0.0, 3.0, dbl_max] and math.isinf(dd[0, 3])

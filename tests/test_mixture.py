@@ -380,3 +380,108 @@ def test_unsupported_dtype_names_every_backend(backend, dtype):
         acn_kernels.mixture_log_prob(z, lg, mu, ls, backend=backend)
     for name in acn_kernels.dispatch.BACKENDS:
         assert f"{name}: " in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 (reliability)
+
+
+def large_logit_inputs(b, d, m, kind, scale, *, dtype, device, seed=0):
+    """make_inputs with logits far from the origin, drawn in float64 and rounded to ``dtype``.
+
+    kind "scaled": logits * scale (differences of the size of the logits: one-hot weights);
+    "offset": a per-row offset of about +-scale plus O(1) differences (distinct weights where the
+    dtype resolves them, ties where it rounds them away); "ulps": per-row offsets of about +-scale
+    with components a few float32 ulps apart (ties and near-ties).
+    """
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    row = torch.where(torch.rand(b, 1, 1, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    row = row * scale * (1 + torch.rand(b, 1, 1, generator=g, dtype=torch.float64))
+    if kind == "scaled":
+        lg = lg * scale
+    elif kind == "offset":
+        lg = row + lg
+    else:
+        lg = row * (1 + 2.0**-21 * torch.randint(0, 4, lg.shape, generator=g, dtype=torch.float64))
+    return [t.to(dtype=dtype, device=device) for t in (z, lg, mu, ls, code)]
+
+
+# (backend, device, dtype) at float32 and float64, where the backend takes it.
+BACKEND_DTYPES = params(OP, dtypes=[torch.float32, torch.float64])
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("kind", ["scaled", "offset", "ulps"])
+def test_issue16_large_logits_keep_log_n(backend, device, dtype, kind):
+    """log p is a difference of two log-sum-exps, which cancels when taken over raw logits: at
+    |logits| ~ 1e10 the float32 kernels returned 0 where log p is about -8. Logits up to 1e30,
+    forward and every gradient, against the float64 reference on the same rounded values and
+    MixtureSameFamily on the exactly shifted logits (a shift leaves the density unchanged)."""
+    b, d = 6, 19  # 19 = one full 16-lane block of the CPU kernel and a staged tail
+    for m in (5, 17):  # 17 > the CPU kernel's 16-component chunk
+        for scale in (1e3, 1e6, 1e10, 1e20, 1e30):
+            z, lg, mu, ls, code = large_logit_inputs(b, d, m, kind, scale, dtype=dtype, device=device,
+                                                     seed=m)
+            ins = [z, lg, mu, ls]
+            with poisoned_outputs():
+                out, grads = value_and_grads(lambda *t: acn_kernels.mixture_log_prob(*t, backend=backend), ins)
+                kl = acn_kernels.acn_kl(z, code, lg, mu, ls, backend=backend)
+            ref_in = [t.double().cpu() for t in ins]
+            want, want_grads = value_and_grads(reference.mixture_log_prob, ref_in)
+            z64, lg64, mu64, ls64 = ref_in
+            msf = msf_log_prob(z64, lg64 - lg64.amax(-1, keepdim=True), mu64, ls64)
+            ctx = f"{kind} scale={scale:g} M={m}"
+            t = TOL[dtype]
+            assert torch.isfinite(want).all() and want.abs().max() > 1.0, ctx  # a real test
+            torch.testing.assert_close(want, msf, rtol=1e-9, atol=1e-9 * d, msg=ctx)
+            torch.testing.assert_close(out.cpu().double(), want, rtol=t["rtol"], atol=t["atol"] * d, msg=ctx)
+            want_kl = reference.acn_kl(z64, code.double().cpu(), lg64, mu64, ls64)
+            torch.testing.assert_close(kl.cpu().double(), want_kl, rtol=t["rtol"], atol=t["atol"] * d, msg=ctx)
+            for name, got, w in zip(("dz", "dlogits", "dmeans", "dlog_scales"), grads, want_grads, strict=True):
+                scl = w.abs().max().item() + 1.0
+                torch.testing.assert_close(got.cpu().double(), w, rtol=t["rtol"] * 10, atol=t["atol"] * scl,
+                                           msg=f"{ctx} {name}")
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_issue16_infinite_z_gives_minus_inf_and_zero_gradients(backend, device, dtype):
+    """z = +-inf: every term is -inf, so log p = -inf with zero gradients (the documented rule for
+    such a dimension); the torch backend gave dz = NaN there (inf - inf inside its harmless
+    point). The other dimensions keep their values and gradients."""
+    z, lg, mu, ls, _ = mixture_inputs(3, 18, 4, seed=21, dtype=dtype, device=device)
+    z[0, 2], z[2, 17] = math.inf, -math.inf
+    with poisoned_outputs():
+        out, grads = value_and_grads(lambda *t: acn_kernels.mixture_log_prob(*t, per_dim=True, backend=backend),
+                               [z, lg, mu, ls])
+    out, grads = out.cpu(), [g.cpu() for g in grads]
+    dead = torch.zeros(3, 18, dtype=torch.bool)
+    dead[0, 2] = dead[2, 17] = True
+    assert (out[dead] == -math.inf).all()
+    for g in grads:
+        assert (g[dead] == 0).all() and torch.isfinite(g).all()
+    live_in = [t.double().cpu() for t in (z, lg, mu, ls)]
+    live_in[0] = torch.where(dead, 0.0, live_in[0])
+    want, want_grads = value_and_grads(lambda *t: reference.mixture_log_prob(*t, per_dim=True), live_in)
+    t = TOL[dtype]
+    torch.testing.assert_close(out[~dead].double(), want[~dead], **t)
+    for g, w in zip(grads, want_grads, strict=True):
+        scl = w.abs().max().item() + 1.0
+        torch.testing.assert_close(g[~dead].double(), w[~dead], rtol=t["rtol"] * 10, atol=t["atol"] * scl)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param(*p.values[:2], id=p.id, marks=p.marks) for p in F32])
+def test_issue16_double_backward_raises_or_is_exact(backend, device):
+    """A gradient of a gradient through the fused ops: the compiled backends raise a clear error
+    (PyTorch only warned and returned zeros); the torch backend differentiates twice."""
+    z, lg, mu, ls, code = mixture_inputs(3, 5, 4, seed=31, device=device,
+                                         dtype=torch.float32 if backend in ("triton", "cuda") else torch.float64)
+    leaves = [t.requires_grad_() for t in (z, code, lg, mu, ls)]
+    kl = acn_kernels.acn_kl(*leaves, backend=backend)
+    (gz,) = torch.autograd.grad(kl.sum(), leaves[0], create_graph=True)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="double backward"):
+            gz.square().sum().backward()
+        return
+    assert torch.autograd.gradgradcheck(lambda *t: acn_kernels.acn_kl(*t, backend="torch"), leaves)

@@ -151,3 +151,27 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
                          timeout=540)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 (reliability)
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e10, 1e30])
+def test_issue16_large_logits_gpu_blocks(monkeypatch, scale):
+    """Logits far from the origin (per-row offsets of +-scale plus O(1) differences, and the same
+    logits times scale) with the GPU block sizes, so that the logits' maximum is taken across
+    several 16-component chunks before the joint terms: forward and every gradient against the
+    float64 reference (the raw-logit log-sum-exps cancelled to 0 at 1e10)."""
+    from acn_kernels.triton import mixture as triton_mixture
+
+    if INTERPRET:
+        real = triton_mixture._blocks
+        monkeypatch.setattr(triton_mixture, "_blocks", lambda D, M, interpret: real(D, M, False))
+    z, lg, mu, ls, code = mixture_inputs(5, 40, 33, seed=31, device=DEVICE)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], device=DEVICE).view(-1, 1, 1)
+    for logits in (sign * scale * (1.0 + 0.1 * torch.arange(5.0, device=DEVICE).view(-1, 1, 1)) + lg,
+                   lg * scale):
+        for kind in MIXTURE_KINDS:
+            _, (ref, _) = check_mixture(kind, BE, [z, logits, mu, ls, code])
+            assert ref.abs().min() > 1.0  # log p of the size of the terms, not cancelled to 0

@@ -2,11 +2,15 @@
 
 The math is csrc/include/acn_math.h, written once more in Triton: for element (b, d) and component m
 
-    t_m = logit_m - log_s_m - 0.5 log(2 pi) - 0.5 u^2,   u = (z - mu_m) * exp(-log_s_m)
-    T = logsumexp_m t_m,   Lz = logsumexp_m logit_m,    log p(z_d) = T - Lz,
+    s = max_m logit_m (0 if infinite),   l_m = logit_m - s,
+    t_m = l_m - log_s_m - 0.5 log(2 pi) - 0.5 u^2,   u = (z - mu_m) * exp(-log_s_m)
+    T = logsumexp_m t_m,   Lz = logsumexp_m l_m,    log p(z_d) = T - Lz,
 
-with ``lse[b, d] = (T, Lz)`` saved for the backward, which recomputes the responsibilities
-r_m = exp(t_m - T) and weights w_m = exp(logit_m - Lz) from the inputs (docs/design.md, "mixture_log_prob and acn_kl").
+with ``lse[b, d] = (T, Lz)`` saved for the backward, which takes s again and recomputes the
+responsibilities r_m = exp(t_m - T) and weights w_m = exp(l_m - Lz) from the inputs (docs/design.md,
+"mixture_log_prob and acn_kl").
+The shift s comes first so that T - Lz does not cancel at large logits (T and Lz are then of the
+size of log p and log M, not of the logits).
 
 Work split: a program owns a [BLOCK_B, BLOCK_D] tile of elements and walks the components in
 chunks of BLOCK_M with an online (max-subtracted) log-sum-exp, so any M runs in fixed registers.
@@ -52,6 +56,18 @@ def _lse_merge(mx, s, x):
 
 
 @triton.jit
+def _logit_shift(lg_ptr, e, emask, M, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """lse_shift of the logits' maximum over all M components, [BB, BD] (acn_math.h)."""
+    mx = tl.full([BLOCK_B, BLOCK_D], float("-inf"), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        msk = emask[:, :, None] & (rm < M)[None, None, :]
+        logit = tl.load(lg_ptr + e[:, :, None] * M + rm[None, None, :], mask=msk, other=float("-inf"))
+        mx = tl.maximum(mx, tl.max(logit.to(tl.float32), axis=2))
+    return _lse_shift(mx)
+
+
+@triton.jit
 def _lse_finish(mx, s):
     # log(0) = -inf written out, so that the interpreter (numpy) does not warn about it.
     return tl.where(s == 0.0, float("-inf"), _lse_shift(mx) + tl.log(tl.where(s == 0.0, 1.0, s)))
@@ -73,7 +89,7 @@ def _mixture_fwd_kernel(
         emask = bmask[:, None] & (rd < D)[None, :]
         e = rb[:, None] * D + rd[None, :]  # int64 element offsets [BB, BD]
         zz = tl.load(z_ptr + e, mask=emask, other=0.0).to(tl.float32)
-        mx_l = tl.full([BLOCK_B, BLOCK_D], float("-inf"), tl.float32)
+        sh = _logit_shift(lg_ptr, e, emask, M, BLOCK_B, BLOCK_D, BLOCK_M)[:, :, None]
         mx_t = tl.full([BLOCK_B, BLOCK_D], float("-inf"), tl.float32)
         s_l = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         s_t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
@@ -82,17 +98,17 @@ def _mixture_fwd_kernel(
             i = e[:, :, None] * M + rm[None, None, :]
             msk = emask[:, :, None] & (rm < M)[None, None, :]
             # Padding components get logit -inf, hence a -inf term: they add nothing to either sum.
-            logit = tl.load(lg_ptr + i, mask=msk, other=float("-inf")).to(tl.float32)
+            lgs = tl.load(lg_ptr + i, mask=msk, other=float("-inf")).to(tl.float32) - sh
             mu = tl.load(mu_ptr + i, mask=msk, other=0.0).to(tl.float32)
             log_s = tl.load(ls_ptr + i, mask=msk, other=0.0).to(tl.float32)
             # (z - mu) * exp(-log_s), not a division: a tiny sigma overflows u to inf and the
             # term to -inf, the exact limit (acn::joint_term).
             u = (zz[:, :, None] - mu) * tl.exp(-log_s)
-            t = logit - log_s - _HALF_LOG_2PI - 0.5 * u * u
-            mx_l, s_l = _lse_merge(mx_l, s_l, logit)
+            t = lgs - log_s - _HALF_LOG_2PI - 0.5 * u * u
+            s_l += tl.sum(tl.exp(lgs), axis=2)  # exp(l) <= 1 (finite maximum): no running max
             mx_t, s_t = _lse_merge(mx_t, s_t, t)
         big_t = _lse_finish(mx_t, s_t)
-        lz = _lse_finish(mx_l, s_l)
+        lz = _lse_finish(tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32), s_l)
         tl.store(lse_ptr + 2 * e, big_t, mask=emask)
         tl.store(lse_ptr + 2 * e + 1, lz, mask=emask)
         v = big_t - lz
@@ -131,19 +147,20 @@ def _mixture_bwd_kernel(
     lz = tl.load(lse_ptr + 2 * e + 1, mask=emask, other=0.0)
     # A dimension whose every term is -inf has log p = -inf and, by contract, zero gradients.
     dead = (big_t == float("-inf"))[:, :, None]
+    sh = _logit_shift(lg_ptr, e, emask, M, BLOCK_B, BLOCK_D, BLOCK_M)[:, :, None]
     gz = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         i = e[:, :, None] * M + rm[None, None, :]
         msk = emask[:, :, None] & (rm < M)[None, None, :]
-        logit = tl.load(lg_ptr + i, mask=msk, other=0.0).to(tl.float32)
+        lgs = tl.load(lg_ptr + i, mask=msk, other=0.0).to(tl.float32) - sh
         mu = tl.load(mu_ptr + i, mask=msk, other=0.0).to(tl.float32)
         log_s = tl.load(ls_ptr + i, mask=msk, other=0.0).to(tl.float32)
         inv_s = tl.exp(-log_s)
         u = (zz[:, :, None] - mu) * inv_s
-        t = logit - log_s - _HALF_LOG_2PI - 0.5 * u * u
+        t = lgs - log_s - _HALF_LOG_2PI - 0.5 * u * u
         r = tl.where(dead, 0.0, tl.exp(t - big_t[:, :, None]))  # responsibility
-        w = tl.where(dead, 0.0, tl.exp(logit - lz[:, :, None]))  # mixture weight
+        w = tl.where(dead, 0.0, tl.exp(lgs - lz[:, :, None]))  # mixture weight
         gr = g[:, :, None] * r
         # r == 0 (zero weight or negligible density): exactly zero mean and scale gradients,
         # even where u is infinite (acn::component_grads).

@@ -4,17 +4,26 @@
 // are processed lane-wise (the innermost loops run over lanes, with no branches and the
 // vectorisable acn_exp/acn_log of acn_math.h, so GCC emits SIMD code for them). Components are
 // consumed in chunks of kChunk with an online log-sum-exp, so any M works with a fixed buffer.
+// Every block has all kLanes lanes: the last block of a row with D % kLanes != 0 is staged
+// through a zero-padded copy. With a run-time lane count GCC kept those loops scalar, which made
+// the backward 3x slower at D = 24 or 25 than at D = 16 or 32 (issue 16). Every lane loop is an
+// omp simd loop, the short initialisations too: left alone, GCC unrolls those completely, and
+// that kept the backward's component loop scalar (10x slower).
 //
 // The row loops are compiled three times, for AVX-512, AVX2+FMA and the baseline ISA, and the best
 // one the CPU runs is picked at run time (as in masked_topk.cpp, with the same ACN_CPU_ISA cap):
 // the lane loops are exp/log polynomials, so wider vectors pay off almost linearly, and the
 // baseline build (SSE2) leaves 3x on the table on a current x86 CPU. The AVX-512 float variant
-// also replaces the stride-M gathers and scatters of full blocks by in-register transposes.
+// also replaces the stride-M gathers and scatters by a flat layout: a block's parameters are
+// read and its gradients written as contiguous vectors, with in-register transposes only for
+// the sums and maxima over components.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -44,20 +53,20 @@ struct MixtureArgs {
 // Running log-sum-exp per lane: merge a chunk of cm terms x[j][lane] whose per-lane maxima are
 // cmx into (mx, sum). Lanes innermost, so the exps vectorise. first: (mx, sum) still hold their
 // start values (-inf, 0), so the merged maximum is cmx and the zero sum needs no rescale; skipping
-// that exp saves two of the 3M + 2 exps per dimension when M <= kChunk, with identical results.
+// that exp saves one of the 3M + 1 exps per dimension when M <= kChunk, with identical results.
 template <typename acc_t>
 ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x)[kLanes], int64_t cm,
-                        int64_t n, bool first) {
+                        bool first) {
   acc_t shift[kLanes];
   if (first) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       shift[l] = acn::lse_shift(cmx[l]);
       mx[l] = cmx[l];
     }
   } else {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t new_mx = acn::max_of(mx[l], cmx[l]);
       shift[l] = acn::lse_shift(new_mx);
       // sum == 0 means no finite term yet: skip the rescale, whose factor may overflow.
@@ -68,17 +77,30 @@ ACN_BODY void lse_merge(acc_t* mx, acc_t* sum, const acc_t* cmx, const acc_t (*x
   }
   for (int64_t j = 0; j < cm; ++j) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) sum[l] += acn::acn_exp(x[j][l] - shift[l]);
+    for (int64_t l = 0; l < kLanes; ++l) sum[l] += acn::acn_exp(x[j][l] - shift[l]);
   }
+}
+
+// The logits' shift per lane (acn_math.h): lse_shift of the maximum of x[j][lane] over j < M.
+template <typename acc_t>
+ACN_BODY void logit_shift(const acc_t (*x)[kLanes], int64_t M, acc_t* shift) {
+  acc_t mx[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) mx[l] = acn::max_of(mx[l], x[j][l]);
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) shift[l] = acn::lse_shift(mx[l]);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define ACN_HAVE_TRANSPOSE 1
 // Block transposes for the AVX-512 variant. The lane loops read component j of 16 consecutive
 // dims, a stride-M gather that GCC assembles from scalar loads and inserts (and scatters the
-// gradients likewise); for full float blocks (any M <= kChunk; used up to kTransposeMaxM) these
-// move the block's 16 * M contiguous values with M vector loads (stores) and M * ceil(M / 2)
-// two-source permutes instead.
+// gradients likewise); for full float blocks (any M <= kChunk) this moves the block's 16 * M
+// contiguous values with M vector loads and M * ceil(M / 2) two-source permutes instead.
 // Out of line: the row loops that call them are compiled without a target before they are
 // inlined into their ISA variants, and GCC checks always_inline against that generic copy.
 #define ACN_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
@@ -104,121 +126,190 @@ ACN_AVX512_FN void load_block(const float* src, int64_t M, float (*dst)[kLanes])
   }
 }
 
-// The inverse, dst[l * M + j] = src[j][l]: lane q of output vector k holds element s = 16k + q,
-// component j = s % M of lane l = s / M, found in the row pair (src[2p], src[2p + 1]) with
-// p = j / 2 at index l + 16 * (j % 2).
-ACN_AVX512_FN void store_block(const float (*src)[kLanes], int64_t M, float* dst) {
-  __m512 v[kChunk];
-  for (int64_t j = 0; j < M; ++j) v[j] = _mm512_loadu_ps(src[j]);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i vm = _mm512_set1_epi32(static_cast<int>(M));
-  for (int64_t k = 0; k < M; ++k) {
-    const __m512i s = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(kLanes * k)));
-    // s / M in float (AVX-512F has no integer division): exact, as s < 256 keeps every
-    // non-integer quotient at least 1/16 away from an integer.
-    const __m512i l =
-        _mm512_cvttps_epi32(_mm512_div_ps(_mm512_cvtepi32_ps(s), _mm512_cvtepi32_ps(vm)));
-    const __m512i j = _mm512_sub_epi32(s, _mm512_mullo_epi32(l, vm));
-    const __m512i idx =
-        _mm512_add_epi32(l, _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(1)), 4));
-    const __m512i pair = _mm512_srli_epi32(j, 1);
-    __m512 out = _mm512_setzero_ps();
-    for (int64_t p = 0; 2 * p < M; ++p) {
-      const __mmask16 m = _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(static_cast<int>(p)));
-      const __m512 hi = 2 * p + 1 < M ? v[2 * p + 1] : v[2 * p];
-      out = _mm512_mask_mov_ps(out, m, _mm512_permutex2var_ps(v[2 * p], idx, hi));
-    }
-    _mm512_storeu_ps(dst + kLanes * k, out);
-  }
+// The flat layout: vector k of a block's 16 * M parameters holds element s = 16k + q in lane q,
+// i.e. component s % M of lane s / M. out[i][q] = v[i][(16k + q) / M] spreads N per-lane values
+// over their M components there (one permute each).
+template <int N>
+ACN_AVX512_FN void spread(int64_t M, int64_t k, const float* const (&v)[N], float (*out)[kLanes]) {
+  const __m512i s = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32(static_cast<int>(kLanes * k)));
+  // s / M in float (AVX-512F has no integer division): exact, as s < 256 keeps every
+  // non-integer quotient at least 1/16 away from an integer.
+  const __m512i l = _mm512_cvttps_epi32(
+      _mm512_div_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(static_cast<float>(M))));
+  for (int i = 0; i < N; ++i) _mm512_storeu_ps(out[i], _mm512_permutexvar_ps(l, _mm512_loadu_ps(v[i])));
+}
+
+// The flat vectors that hold the first n lanes' components, ceil(n * M / 16): a staged last block
+// computes only those. The rest of the flat buffer (read by the transpose, for discarded lanes)
+// is zeroed.
+inline int64_t flat_vectors(int64_t n, int64_t M, float* flat) {
+  const int64_t nv = (n * M + kLanes - 1) / kLanes;
+  std::fill(flat + nv * kLanes, flat + M * kLanes, 0.0f);
+  return nv;
 }
 #undef ACN_AVX512_FN
 
-// Where the transposes pay (AVX-512, B=1024 D=32, one thread): the backward gains 10-20% for
-// M <= 12, the forward up to 8% for 3 <= M <= 12; beyond, the M * ceil(M / 2) permutes per vector
-// cost what they save (the forward at M = 2 is 7% slower with them).
-constexpr int64_t kTransposeMaxM = 12;
-constexpr int64_t kFwdTransposeMinM = 3;
+// Where the flat layout pays (AVX-512, float, one thread, issue 16): it transposes two arrays per
+// block (M * ceil(M / 2) permutes each) instead of the six (forward: three) of a per-component
+// layout, plus N permutes per flat vector in spread. The backward gains 20-40% over the
+// per-component layout for 5 <= M <= 16 (more with M) and takes it up to load_block's limit;
+// the forward gains 0-10% for 3 <= M <= 12, and at M = 1, 2 or above 12 the permutes cost what
+// they save, so those M take the generic path.
+constexpr int64_t kFwdFlatMinM = 3;
+constexpr int64_t kFwdFlatMaxM = 12;
+constexpr int64_t kBwdFlatMaxM = kChunk;
 #else
 #define ACN_HAVE_TRANSPOSE 0
 #endif
 
-// kTransposed (AVX-512 variant, float): full blocks with M in the range above go through
-// load_block; their lane loop is the generic one's, reading the transposed copies.
-template <typename scalar_t, bool kTransposed>
+// One block of kLanes consecutive elements of a row: z[l] and, for component j, lg[l * M + j]
+// (likewise mu, ls); the first n lanes are live (the others a staged block's zero padding).
+// Writes T and Lz (acn_math.h) of every lane to bt, lz.
+// kFlat (AVX-512 variant, float): M in the range above computes the joint terms in the flat
+// layout (spread) and transposes them (load_block) for the sums over components.
+template <typename acc_t>
+ACN_BODY void fwd_finish(const acc_t* mxt, const acc_t* st, const acc_t* sl, acc_t* bt, acc_t* lz) {
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    bt[l] = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
+    lz[l] = acn::lse_finish(acc_t(0), sl[l]);  // the shifted logits' maximum is 0
+  }
+}
+
+template <typename scalar_t, bool kFlat>
+ACN_BODY void fwd_block(int64_t M, int64_t n, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
+                        const scalar_t* ls, at::opmath_type<scalar_t>* bt,
+                        at::opmath_type<scalar_t>* lz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t zz[kLanes], sh[kLanes], sl[kLanes], mxt[kLanes], st[kLanes], cmt[kLanes];
+  acc_t tl[kChunk][kLanes], tt[kChunk][kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    zz[l] = static_cast<acc_t>(z[l]);
+    sl[l] = st[l] = 0;
+    mxt[l] = ninf;
+  }
+#if ACN_HAVE_TRANSPOSE
+  if constexpr (kFlat) {
+    if (M >= kFwdFlatMinM && M <= kFwdFlatMaxM) {
+      // The joint terms in the flat layout, transposed for the sums over components.
+      float bl[kChunk][kLanes], flat_t[kChunk * kLanes];
+      load_block(lg, M, bl);
+      logit_shift(bl, M, sh);
+      const int64_t nv = flat_vectors(n, M, flat_t);
+      for (int64_t k = 0; k < nv; ++k) {
+        float sp[2][kLanes];  // z and the shift of each flat element of vector k
+        spread<2>(M, k, {zz, sh}, sp);
+        const int64_t f0 = kLanes * k;
+#pragma omp simd
+        for (int64_t q = 0; q < kLanes; ++q) {
+          const int64_t f = f0 + q;
+          flat_t[f] = acn::joint_term(sp[0][q], lg[f], sp[1][q], mu[f], ls[f], acn::acn_exp(-ls[f]));
+        }
+      }
+      load_block(flat_t, M, tt);
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) cmt[l] = ninf;
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          cmt[l] = acn::max_of(cmt[l], tt[j][l]);
+          sl[l] += acn::weight_term(bl[j][l], sh[l]);
+        }
+      }
+      lse_merge(mxt, st, cmt, tt, M, true);
+      fwd_finish(mxt, st, sl, bt, lz);
+      return;
+    }
+  }
+#endif
+  // The shift needs every logit before the first joint term; the first chunk's logits stay in tl.
+  acc_t mxl[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mxl[l] = ninf;
+  for (int64_t j = 0; j < M; ++j) {
+    if (j < kChunk) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        tl[j][l] = static_cast<acc_t>(lg[l * M + j]);
+        mxl[l] = acn::max_of(mxl[l], tl[j][l]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l)
+        mxl[l] = acn::max_of(mxl[l], static_cast<acc_t>(lg[l * M + j]));
+    }
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) sh[l] = acn::lse_shift(mxl[l]);
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int64_t cm = std::min(kChunk, M - m0);
+    for (int64_t j = 0; j < (m0 > 0 ? cm : 0); ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) tl[j][l] = static_cast<acc_t>(lg[l * M + m0 + j]);
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) cmt[l] = ninf;
+    for (int64_t j = 0; j < cm; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t i = l * M + m0 + j;
+        const acc_t log_s = static_cast<acc_t>(ls[i]);
+        const acc_t t = acn::joint_term(zz[l], tl[j][l], sh[l], static_cast<acc_t>(mu[i]), log_s,
+                                        acn::acn_exp(-log_s));
+        tt[j][l] = t;
+        cmt[l] = acn::max_of(cmt[l], t);
+        sl[l] += acn::weight_term(tl[j][l], sh[l]);
+      }
+    }
+    lse_merge(mxt, st, cmt, tt, cm, m0 == 0);
+  }
+  fwd_finish(mxt, st, sl, bt, lz);
+}
+
+// The zero-padded copy of a row's last block, n < kLanes lanes: z [kLanes], then each of the
+// [kLanes, M] parameter arrays. The lanes from n on stay zero (a finite, discarded element).
+template <typename scalar_t>
+struct TailStage {
+  std::vector<scalar_t> buf;
+  int64_t M;
+  TailStage(int64_t D, int64_t M_) : buf(D % kLanes ? kLanes * (1 + 3 * M_) : 0, scalar_t(0)), M(M_) {}
+  scalar_t* z() { return buf.data(); }
+  scalar_t* param(int k) { return buf.data() + kLanes + k * kLanes * M; }
+  void load(const scalar_t* z_src, const scalar_t* const (&p_src)[3], int64_t n) {
+    std::copy(z_src, z_src + n, z());
+    for (int k = 0; k < 3; ++k) std::copy(p_src[k], p_src[k] + n * M, param(k));
+  }
+};
+
+template <typename scalar_t, bool kFlat>
 ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
               const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
               at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M;
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  TailStage<scalar_t> tail(D, M);
   for (int64_t b = b0; b < b1; ++b) {
     acc_t row = 0;
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
       const int64_t n = std::min(kLanes, D - d0);
       const int64_t e0 = b * D + d0;
-      acc_t zz[kLanes], mxl[kLanes], sl[kLanes], mxt[kLanes], st[kLanes];
-      acc_t tl[kChunk][kLanes], tt[kChunk][kLanes], cml[kLanes], cmt[kLanes];
-      for (int64_t l = 0; l < n; ++l) {
-        zz[l] = static_cast<acc_t>(z[e0 + l]);
-        mxl[l] = mxt[l] = ninf;
-        sl[l] = st[l] = 0;
-      }
-      bool done = false;
-#if ACN_HAVE_TRANSPOSE
-      if constexpr (kTransposed) {
-        if (n == kLanes && M >= kFwdTransposeMinM && M <= kTransposeMaxM) {
-          float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
-          load_block(lg + e0 * M, M, bl);
-          load_block(mu + e0 * M, M, bm);
-          load_block(ls + e0 * M, M, bs);
-          for (int64_t l = 0; l < n; ++l) cml[l] = cmt[l] = ninf;
-          for (int64_t j = 0; j < M; ++j) {
-#pragma omp simd
-            for (int64_t l = 0; l < n; ++l) {
-              const float t = acn::joint_term(zz[l], bl[j][l], bm[j][l], bs[j][l],
-                                              acn::acn_exp(-bs[j][l]));
-              tt[j][l] = t;
-              cml[l] = acn::max_of(cml[l], bl[j][l]);
-              cmt[l] = acn::max_of(cmt[l], t);
-            }
-          }
-          lse_merge(mxl, sl, cml, bl, M, n, true);  // the logits as loaded: no copy into tl
-          lse_merge(mxt, st, cmt, tt, M, n, true);
-          done = true;
-        }
-      }
-#endif
-      for (int64_t m0 = 0; m0 < (done ? 0 : M); m0 += kChunk) {
-        const int64_t cm = std::min(kChunk, M - m0);
-        for (int64_t l = 0; l < n; ++l) cml[l] = cmt[l] = ninf;
-        for (int64_t j = 0; j < cm; ++j) {
-#pragma omp simd
-          for (int64_t l = 0; l < n; ++l) {
-            const int64_t i = (e0 + l) * M + m0 + j;
-            const acc_t logit = static_cast<acc_t>(lg[i]);
-            const acc_t log_s = static_cast<acc_t>(ls[i]);
-            const acc_t t = acn::joint_term(zz[l], logit, static_cast<acc_t>(mu[i]), log_s,
-                                            acn::acn_exp(-log_s));
-            tl[j][l] = logit;
-            tt[j][l] = t;
-            cml[l] = acn::max_of(cml[l], logit);
-            cmt[l] = acn::max_of(cmt[l], t);
-          }
-        }
-        lse_merge(mxl, sl, cml, tl, cm, n, m0 == 0);
-        lse_merge(mxt, st, cmt, tt, cm, n, m0 == 0);
-      }
       acc_t bt[kLanes], lz[kLanes];
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) {
-        bt[l] = acn::lse_finish(acn::lse_shift(mxt[l]), st[l]);
-        lz[l] = acn::lse_finish(acn::lse_shift(mxl[l]), sl[l]);
+      if (n == kLanes) {
+        fwd_block<scalar_t, kFlat>(M, n, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
+      } else {
+        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+        fwd_block<scalar_t, kFlat>(M, n, tail.z(), tail.param(0), tail.param(1), tail.param(2),
+                                         bt, lz);
       }
       for (int64_t l = 0; l < n; ++l) {
         lse[2 * (e0 + l)] = bt[l];
         lse[2 * (e0 + l) + 1] = lz[l];
+        const acc_t zz = static_cast<acc_t>(z[e0 + l]);
         acc_t v = bt[l] - lz[l];
-        if (code) v = acn::std_normal_log_prob(zz[l], static_cast<acc_t>(code[e0 + l])) - v;
+        if (code) v = acn::std_normal_log_prob(zz, static_cast<acc_t>(code[e0 + l])) - v;
         if (a.per_dim)
           out[e0 + l] = v;
         else
@@ -229,65 +320,113 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
   }
 }
 
-template <typename scalar_t, bool kTransposed>
+// The backward of one block (layout and n as in fwd_block): per-component gradients to dlg, dmu,
+// dls (same layout), the mixture's part of dlog p / dz to gz. g, bt, lz per lane.
+template <typename scalar_t, bool kFlat>
+ACN_BODY void bwd_block(int64_t M, int64_t n, const at::opmath_type<scalar_t>* g, const scalar_t* z,
+                        const scalar_t* lg, const scalar_t* mu, const scalar_t* ls,
+                        const at::opmath_type<scalar_t>* bt, const at::opmath_type<scalar_t>* lz,
+                        scalar_t* dlg, scalar_t* dmu, scalar_t* dls, at::opmath_type<scalar_t>* gz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t zz[kLanes], sh[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    zz[l] = static_cast<acc_t>(z[l]);
+    gz[l] = 0;
+  }
+#if ACN_HAVE_TRANSPOSE
+  if constexpr (kFlat) {
+    if (M <= kBwdFlatMaxM) {
+      float bl[kChunk][kLanes], flat_gz[kChunk * kLanes], tg[kChunk][kLanes];
+      load_block(lg, M, bl);
+      logit_shift(bl, M, sh);
+      const int64_t nv = flat_vectors(n, M, flat_gz);
+      for (int64_t k = 0; k < nv; ++k) {
+        float sp[5][kLanes];  // g, z, shift, T, Lz of each flat element of vector k
+        spread<5>(M, k, {g, zz, sh, bt, lz}, sp);
+        const int64_t f0 = kLanes * k;
+#pragma omp simd
+        for (int64_t q = 0; q < kLanes; ++q) {
+          const int64_t f = f0 + q;
+          float dl, dm, ds;
+          flat_gz[f] = acn::component_grads(sp[0][q], sp[1][q], lg[f], sp[2][q], mu[f], ls[f],
+                                            sp[3][q], sp[4][q], &dl, &dm, &ds);
+          dlg[f] = dl;
+          dmu[f] = dm;
+          dls[f] = ds;
+        }
+      }
+      load_block(flat_gz, M, tg);  // summed over the components in order, as below
+      for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) gz[l] += tg[j][l];
+      }
+      return;
+    }
+  }
+#endif
+  acc_t mxl[kLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) mxl[l] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l)
+      mxl[l] = acn::max_of(mxl[l], static_cast<acc_t>(lg[l * M + j]));
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) sh[l] = acn::lse_shift(mxl[l]);
+  for (int64_t j = 0; j < M; ++j) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t i = l * M + j;
+      acc_t dl, dm, ds;
+      gz[l] += acn::component_grads(g[l], zz[l], static_cast<acc_t>(lg[i]), sh[l],
+                                    static_cast<acc_t>(mu[i]), static_cast<acc_t>(ls[i]), bt[l],
+                                    lz[l], &dl, &dm, &ds);
+      dlg[i] = static_cast<scalar_t>(dl);
+      dmu[i] = static_cast<scalar_t>(dm);
+      dls[i] = static_cast<scalar_t>(ds);
+    }
+  }
+}
+
+template <typename scalar_t, bool kFlat>
 ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad, const scalar_t* z,
               const scalar_t* lg, const scalar_t* mu, const scalar_t* ls, const scalar_t* code,
               const at::opmath_type<scalar_t>* lse, scalar_t* dz, scalar_t* dlg, scalar_t* dmu,
               scalar_t* dls, scalar_t* dcode, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M;
+  TailStage<scalar_t> tail(D, M);
+  std::vector<scalar_t> tail_grads(D % kLanes ? 3 * kLanes * M : 0);  // dlg, dmu, dls of the tail
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
       const int64_t n = std::min(kLanes, D - d0);
       const int64_t e0 = b * D + d0;
-      acc_t zz[kLanes], g[kLanes], gz[kLanes], bt[kLanes], lz[kLanes];
+      // Padding lanes (l >= n) get g = 0 and finite T, Lz: their results are discarded.
+      acc_t g[kLanes] = {}, gz[kLanes], bt[kLanes] = {}, lz[kLanes] = {};
       for (int64_t l = 0; l < n; ++l) {
-        zz[l] = static_cast<acc_t>(z[e0 + l]);
         const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
         g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
-        gz[l] = 0;
         bt[l] = lse[2 * (e0 + l)];
         lz[l] = lse[2 * (e0 + l) + 1];
       }
-      bool done = false;
-#if ACN_HAVE_TRANSPOSE
-      if constexpr (kTransposed) {
-        if (n == kLanes && M <= kTransposeMaxM) {
-          float bl[kChunk][kLanes], bm[kChunk][kLanes], bs[kChunk][kLanes];
-          float gl[kChunk][kLanes], gm[kChunk][kLanes], gs[kChunk][kLanes];
-          load_block(lg + e0 * M, M, bl);
-          load_block(mu + e0 * M, M, bm);
-          load_block(ls + e0 * M, M, bs);
-          for (int64_t j = 0; j < M; ++j) {
-#pragma omp simd
-            for (int64_t l = 0; l < n; ++l) {
-              gz[l] += acn::component_grads(g[l], zz[l], bl[j][l], bm[j][l], bs[j][l], bt[l], lz[l],
-                                            &gl[j][l], &gm[j][l], &gs[j][l]);
-            }
-          }
-          store_block(gl, M, dlg + e0 * M);
-          store_block(gm, M, dmu + e0 * M);
-          store_block(gs, M, dls + e0 * M);
-          done = true;
-        }
-      }
-#endif
-      for (int64_t j = 0; j < (done ? 0 : M); ++j) {
-#pragma omp simd
-        for (int64_t l = 0; l < n; ++l) {
-          const int64_t i = (e0 + l) * M + j;
-          acc_t dl, dm, ds;
-          gz[l] += acn::component_grads(g[l], zz[l], static_cast<acc_t>(lg[i]),
-                                        static_cast<acc_t>(mu[i]), static_cast<acc_t>(ls[i]), bt[l],
-                                        lz[l], &dl, &dm, &ds);
-          dlg[i] = static_cast<scalar_t>(dl);
-          dmu[i] = static_cast<scalar_t>(dm);
-          dls[i] = static_cast<scalar_t>(ds);
-        }
+      if (n == kLanes) {
+        bwd_block<scalar_t, kFlat>(M, n, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt,
+                                         lz, dlg + e0 * M, dmu + e0 * M, dls + e0 * M, gz);
+      } else {
+        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+        scalar_t* tg = tail_grads.data();
+        bwd_block<scalar_t, kFlat>(M, n, g, tail.z(), tail.param(0), tail.param(1),
+                                         tail.param(2), bt, lz, tg, tg + kLanes * M,
+                                         tg + 2 * kLanes * M, gz);
+        std::copy(tg, tg + n * M, dlg + e0 * M);
+        std::copy(tg + kLanes * M, tg + kLanes * M + n * M, dmu + e0 * M);
+        std::copy(tg + 2 * kLanes * M, tg + 2 * kLanes * M + n * M, dls + e0 * M);
       }
       for (int64_t l = 0; l < n; ++l) {
         if (code) {
-          const acc_t e = zz[l] - static_cast<acc_t>(code[e0 + l]);
+          const acc_t e = static_cast<acc_t>(z[e0 + l]) - static_cast<acc_t>(code[e0 + l]);
           const acc_t go = -g[l];
           gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
           dcode[e0 + l] = static_cast<scalar_t>(go * e);

@@ -2,11 +2,13 @@
 // The per-element formulas are those of include/acn_math.h, shared with the CPU kernel
 // (csrc/cpu/mixture.cpp, the spec in code); only the work split differs:
 //   forward:  a group of W lanes (W = D rounded up to a power of two, at most 32) per row b; each
-//             lane takes dimensions d = lane, lane + W, ... and makes two passes over the M
-//             components of each (maxima, then sums of exp(x - max)); the row sum over D (when
+//             lane takes dimensions d = lane, lane + W, ... and makes three passes over the M
+//             components of each (the logits' maximum, the joint terms' maximum, their sum of
+//             exp(t - max)); the row sum over D (when
 //             per_dim is false) is a shuffle reduction inside the group, so it is deterministic
 //             and needs no atomics or second kernel;
-//   backward: one thread per element (b, d), one pass over m.
+//   backward: one thread per element (b, d), two passes over m (the logits' maximum, then the
+//             gradients).
 #include <cuda_runtime.h>
 
 #include "acn_math.h"
@@ -39,27 +41,30 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t e = b * D + d;
         const int64_t p = e * M;
         const acc_t zz = to_acc(z[e]);
-        acc_t mxl = -inf_v<acc_t>(), mxt = -inf_v<acc_t>();
+        // Three passes over m (acn_math.h): the logits' maximum, which shifts every joint term;
+        // the joint terms' maximum, with the logits' sum; the joint terms' sum.
+        acc_t mxl = -inf_v<acc_t>();
+        for (int64_t m = 0; m < M; ++m) mxl = max_of(mxl, to_acc(lg[p + m]));
+        const acc_t shl = lse_shift(mxl);
+        acc_t mxt = -inf_v<acc_t>(), sl = 0;
         for (int64_t m = 0; m < M; ++m) {
           const acc_t logit = to_acc(lg[p + m]);
           const acc_t log_s = to_acc(ls[p + m]);
-          const acc_t t = joint_term(zz, logit, to_acc(mu[p + m]), log_s, acn_exp(-log_s));
-          mxl = max_of(mxl, logit);
-          mxt = max_of(mxt, t);
+          mxt = max_of(mxt, joint_term(zz, logit, shl, to_acc(mu[p + m]), log_s, acn_exp(-log_s)));
+          sl += weight_term(logit, shl);
         }
-        const acc_t shl = lse_shift(mxl), sht = lse_shift(mxt);
-        acc_t sl = 0, st = 0;
+        const acc_t sht = lse_shift(mxt);
+        acc_t st = 0;
         for (int64_t m = 0; m < M; ++m) {
           // Recomputing t costs one exp; keeping M terms per thread would cost registers for
-          // a runtime M, and the parameters are in L1 from the first pass.
-          const acc_t logit = to_acc(lg[p + m]);
+          // a runtime M, and the parameters are in L1 from the first passes.
           const acc_t log_s = to_acc(ls[p + m]);
-          const acc_t t = joint_term(zz, logit, to_acc(mu[p + m]), log_s, acn_exp(-log_s));
-          sl += acn_exp(logit - shl);
+          const acc_t t = joint_term(zz, to_acc(lg[p + m]), shl, to_acc(mu[p + m]), log_s,
+                                     acn_exp(-log_s));
           st += acn_exp(t - sht);
         }
         const acc_t big_t = lse_finish(sht, st);
-        const acc_t lz = lse_finish(shl, sl);
+        const acc_t lz = lse_finish(acc_t(0), sl);  // the shifted logits' maximum is 0
         lse[2 * e] = big_t;
         lse[2 * e + 1] = lz;
         acc_t v = big_t - lz;
@@ -95,11 +100,14 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t go = per_dim ? grad[e] : grad[e / D];
     const acc_t g = code ? -go : go;  // KL = log N(z; c, I) - log p
     const acc_t big_t = lse[2 * e], lz = lse[2 * e + 1];
+    acc_t mxl = -inf_v<acc_t>();  // the logits' shift, as in the forward
+    for (int64_t m = 0; m < M; ++m) mxl = max_of(mxl, to_acc(lg[p + m]));
+    const acc_t shl = lse_shift(mxl);
     acc_t gz = 0;
     for (int64_t m = 0; m < M; ++m) {
       acc_t dl, dm, ds;
-      gz += component_grads(g, zz, to_acc(lg[p + m]), to_acc(mu[p + m]), to_acc(ls[p + m]), big_t,
-                            lz, &dl, &dm, &ds);
+      gz += component_grads(g, zz, to_acc(lg[p + m]), shl, to_acc(mu[p + m]), to_acc(ls[p + m]),
+                            big_t, lz, &dl, &dm, &ds);
       dlg[p + m] = from_acc<scalar_t>(dl);
       dmu[p + m] = from_acc<scalar_t>(dm);
       dls[p + m] = from_acc<scalar_t>(ds);

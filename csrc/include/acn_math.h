@@ -56,8 +56,8 @@ ACN_HD float acn_exp(float x) {
   const int32_t n1 = n >> 1, n2 = n - n1;
   float y = p * bits_to_float((n1 + 127) << 23) * bits_to_float((n2 + 127) << 23);
   y = x < -103.9720840454f ? 0.0f : y;  // below the smallest denormal
-  y = x > 88.7228391117f ? inf_v<float>() : y;
-  return x != x ? x : y;
+  // A NaN x needs no select of its own: it reaches y through r and p (both comparisons false).
+  return x > 88.7228391117f ? inf_v<float>() : y;
 #endif
 }
 
@@ -99,24 +99,23 @@ ACN_HD double acn_log(double x) { return log(x); }
 
 // ---------------------------------------------------------------------------------------------
 // Mixture of per-dimension Gaussians. For one element (b, d) with components m:
-//   t_m  = logit_m + log N(z; mu_m, sigma_m),  sigma_m = exp(log_s_m)   (the joint term)
-//   T    = logsumexp_m t_m,   Lz = logsumexp_m logit_m,   log p = T - Lz.
-// The kernels take two passes over m: maxima first, then sums of exp(x - max), which keeps every
-// exp argument <= 0. The backward needs T and Lz, which the forward saves.
+//   s    = max_m logit_m (0 where infinite, lse_shift),   l_m = logit_m - s   (shifted logits)
+//   t_m  = l_m + log N(z; mu_m, sigma_m),  sigma_m = exp(log_s_m)   (the joint term)
+//   T    = logsumexp_m t_m,   Lz = logsumexp_m l_m = log sum_m exp(l_m),   log p = T - Lz.
+// The shift comes first because log p is a difference of two log-sum-exps: taken over the raw
+// logits, both carry the logits' magnitude and the difference cancels (float32 at logits ~1e10
+// has an ulp of 1024, so lse(logit + log N) - lse(logit) came out 0). Over the shifted logits
+// Lz lies in [0, log M] and T in [log p, log p + log M], so nothing cancels; l_m itself is exact
+// where logit_m is within a factor 2 of s (Sterbenz) and otherwise weighs exp(l_m) ~ 0.
+// The kernels take the maximum of the logits first, then (over m) the maximum of t, then sums of
+// exp(x - max), which keeps every exp argument <= 0. The backward needs s, T and Lz: the forward
+// saves (T, Lz), the backward takes the logits' maximum again (no exp; the saved tensor keeps
+// its [B, D, 2] shape).
 
 template <typename T>
 struct Constants {
   static constexpr T half_log_2pi = T(0.918938533204672741780329736406);
 };
-
-// The joint term, given the precomputed inverse scale exp(-log_s) (u = (z - mu) / sigma).
-// (z - mu) * inv_s rather than a division by sigma: a tiny sigma then overflows u to inf and the
-// term to -inf, the exact limit, instead of producing inf / inf.
-template <typename T>
-ACN_HD T joint_term(T z, T logit, T mu, T log_s, T inv_s) {
-  const T u = (z - mu) * inv_s;
-  return logit - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
-}
 
 ACN_HD float max_of(float a, float b) { return a > b ? a : b; }
 ACN_HD double max_of(double a, double b) { return a > b ? a : b; }
@@ -134,20 +133,38 @@ ACN_HD T lse_finish(T shift, T sum) {
   return shift + acn_log(sum);
 }
 
-// Gradients of log p for one component, given the upstream gradient g of log p (already signed:
-// -g for the KL), the saved T and Lz. r = exp(t - T) is the responsibility, w = exp(logit - Lz)
-// the weight. A component with r == 0 (zero weight, or negligible density) gets exactly zero
-// mean and scale gradients even where u is infinite. Returns the contribution to dlog p / dz.
+// The joint term t_m, given the logits' shift s (lse_shift of their maximum) and the precomputed
+// inverse scale exp(-log_s) (u = (z - mu) / sigma). (z - mu) * inv_s rather than a division by
+// sigma: a tiny sigma then overflows u to inf and the term to -inf, the exact limit, instead of
+// producing inf / inf.
 template <typename T>
-ACN_HD T component_grads(T g, T z, T logit, T mu, T log_s, T big_t, T lz, T* dlogit, T* dmu,
-                         T* dlog_s) {
+ACN_HD T joint_term(T z, T logit, T shift, T mu, T log_s, T inv_s) {
+  const T u = (z - mu) * inv_s;
+  return (logit - shift) - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
+}
+
+// One term of Lz's sum, exp(l_m).
+template <typename T>
+ACN_HD T weight_term(T logit, T shift) {
+  return acn_exp(logit - shift);
+}
+
+// Gradients of log p for one component, given the upstream gradient g of log p (already signed:
+// -g for the KL), the logits' shift s and the saved T and Lz. r = exp(t - T) is the
+// responsibility, w = exp(l - Lz) the weight. A component with r == 0 (zero weight, or negligible
+// density) gets exactly zero mean and scale gradients even where u is infinite. Returns the
+// contribution to dlog p / dz.
+template <typename T>
+ACN_HD T component_grads(T g, T z, T logit, T shift, T mu, T log_s, T big_t, T lz, T* dlogit,
+                         T* dmu, T* dlog_s) {
   const T inv_s = acn_exp(-log_s);
   const T u = (z - mu) * inv_s;
-  const T t = logit - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
+  const T l = logit - shift;
+  const T t = l - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
   // A row whose every term is -inf (T == -inf) has log p = -inf and, by contract, zero gradients.
   const bool dead = big_t == -inf_v<T>();
   const T r_raw = acn_exp(t - big_t);  // computed unconditionally: a select, not a branch
-  const T w_raw = acn_exp(logit - lz);
+  const T w_raw = acn_exp(l - lz);
   const T r = dead ? T(0) : r_raw;
   const T w = dead ? T(0) : w_raw;
   const T gr = g * r;
