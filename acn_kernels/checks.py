@@ -89,6 +89,21 @@ def check_k(k: object, n: int) -> int:
     return k
 
 
+def check_exclude_index(exclude_index: object, b: int, n: int, device: torch.device, *, values: bool = True) -> None:
+    """exclude_index [B] int64 on ``device``; with ``values``, every value in [-1, N) (one device
+    sync on GPU, skipped while compiling)."""
+    if not isinstance(exclude_index, torch.Tensor) or exclude_index.dtype != torch.int64:
+        raise TypeError(f"exclude_index must be an int64 tensor, got {_describe(exclude_index)}")
+    if exclude_index.shape != (b,):
+        raise ValueError(f"exclude_index must have shape [B] = [{b}], got {tuple(exclude_index.shape)}")
+    if exclude_index.device != device:
+        raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {device}")
+    if values and exclude_index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(exclude_index.min()), int(exclude_index.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"exclude_index values must lie in [-1, N) = [-1, {n}), got min {lo}, max {hi}")
+
+
 def check_masked_topk(
     queries: object,
     bank: object,
@@ -121,16 +136,7 @@ def check_masked_topk(
         if exclude_mask.device != queries.device:
             raise ValueError(f"exclude_mask is on {exclude_mask.device} but queries is on {queries.device}")
     if exclude_index is not None:
-        if not isinstance(exclude_index, torch.Tensor) or exclude_index.dtype != torch.int64:
-            raise TypeError(f"exclude_index must be an int64 tensor, got {_describe(exclude_index)}")
-        if exclude_index.shape != (b,):
-            raise ValueError(f"exclude_index must have shape [B] = [{b}], got {tuple(exclude_index.shape)}")
-        if exclude_index.device != queries.device:
-            raise ValueError(f"exclude_index is on {exclude_index.device} but queries is on {queries.device}")
-        if values and exclude_index.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(exclude_index.min()), int(exclude_index.max())
-            if lo < -1 or hi >= n:
-                raise ValueError(f"exclude_index values must lie in [-1, N) = [-1, {n}), got min {lo}, max {hi}")
+        check_exclude_index(exclude_index, b, n, queries.device, values=values)
     return k
 
 

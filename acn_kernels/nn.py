@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_float, check_k
 from .ops import MaskedTopK, masked_topk, mixture_log_prob
 
 
@@ -37,27 +38,46 @@ class MixtureNLLLoss(nn.Module):
 
 
 class KNNLayer(nn.Module):
-    """k nearest rows of a bank buffer [N, D] for each query [B, D].
+    """The k nearest rows of a bank [N, D] for each query [B, D] (:func:`masked_topk`).
 
-    The bank is a buffer (saved in state_dict, moved by .to()); ``forward(queries, exclude_mask=None,
-    exclude_index=None)`` returns :class:`MaskedTopK` with dists differentiable in the queries.
+    The bank is a buffer that *shares* the caller's tensor (``bank.detach()``, no copy): writing
+    into the caller's tensor in place (``bank[rows] = codes``) is what the next search sees, and
+    ``load_state_dict`` writes into it. :meth:`update` replaces it by another tensor (any N).
+    ``.to(device)`` moves it like any buffer (a new tensor on the other device, no longer shared
+    with the caller's).
+
+    ``forward(queries, k=None, exclude_mask=None, exclude_index=None)`` returns
+    :class:`MaskedTopK`: squared Euclidean dists [B, k] (differentiable in the queries) and
+    indices [B, k]; ``k`` defaults to the layer's.
     """
+
+    bank: torch.Tensor
 
     def __init__(self, bank: torch.Tensor, k: int, backend: str | None = None) -> None:
         super().__init__()
-        if not isinstance(bank, torch.Tensor) or bank.dim() != 2:
-            raise ValueError(f"bank must be a [N, D] tensor, got {getattr(bank, 'shape', bank)}")
-        self.register_buffer("bank", bank.detach().clone())
-        self.k = k
+        self.register_buffer("bank", self._checked(bank))
+        self.k = check_k(k, bank.shape[0])
         self.backend = backend
+
+    @staticmethod
+    def _checked(bank: object) -> torch.Tensor:
+        check_float(bank, "bank")
+        if bank.dim() != 2:
+            raise ValueError(f"bank must be a [N, D] tensor, got shape {tuple(bank.shape)}")
+        return bank.detach()
+
+    def update(self, bank: torch.Tensor) -> None:
+        """Search ``bank`` [N', D'] from now on (shared, not copied)."""
+        self.bank = self._checked(bank)
 
     def forward(
         self,
         queries: torch.Tensor,
+        k: int | None = None,
         exclude_mask: torch.Tensor | None = None,
         exclude_index: torch.Tensor | None = None,
     ) -> MaskedTopK:
-        return masked_topk(queries, self.bank, self.k, exclude_mask=exclude_mask,
+        return masked_topk(queries, self.bank, self.k if k is None else k, exclude_mask=exclude_mask,
                            exclude_index=exclude_index, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from acn_kernels import ACN, CodeBank, MixturePrior
 from acn_kernels.acn import rng
 from acn_kernels.acn.data import load_default
 from acn_kernels.acn.evaluate import heldout_terms
-from acn_kernels.acn.models import MLPDecoder, MLPEncoder
+from acn_kernels.acn.networks import MLPDecoder, MLPEncoder
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ import argparse
 
 import torch
 
+from acn_kernels.acn.checkpoint import load_checkpoint
+from acn_kernels.acn.config import TrainConfig
 from acn_kernels.acn.data import load
 from acn_kernels.acn.evaluate import save_grid
-from acn_kernels.acn.train import TrainConfig, load_checkpoint
 
 
 def main() -> None:

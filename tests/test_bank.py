@@ -1,5 +1,6 @@
-"""CodeBank: the batch order of DESIGN.md against a one-query-at-a-time reference, end of pass,
-chunking beyond MAX_K, state, devices and errors; and the counter-based RNG it draws from."""
+"""CodeBank: the batch order of docs/design.md ("The model") against a one-query-at-a-time
+reference, end of pass, chunking beyond MAX_K, initial codes, state, devices and errors; and the
+counter-based RNG it draws from."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import torch
 
 from acn_kernels import MAX_K, CodeBank, masked_topk
 from acn_kernels.acn import rng
-from acn_kernels.acn.bank import Neighbours
+from acn_kernels.acn.bank import Neighbours, initial_codes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def reference_neighbours(bank: CodeBank, index: torch.Tensor, codes: torch.Tensor) -> Neighbours:
-    """DESIGN.md's batch order taken literally: one masked_topk call per query, in order."""
+    """The design's batch order taken literally: one masked_topk call per query, in order."""
     bank.codes[index] = codes.to(bank.codes.dtype)
     u = rng.uniform(bank.seed, rng.NEIGHBOUR, bank.pass_index, index)
     rows = []
@@ -249,3 +250,29 @@ def test_draws_agree_across_devices():
     idx = torch.arange(1000)
     assert torch.equal(rng.uniform(1, 2, 3, idx), rng.uniform(1, 2, 3, idx.cuda()).cpu())
     torch.testing.assert_close(rng.normal(1, 2, 3, idx, 4), rng.normal(1, 2, 3, idx.cuda(), 4).cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 9: one bank construction, counter-based initial codes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_initial_codes_are_counter_based(device):
+    """Row i starts as the N(0, 1) draw of (seed, i), whatever the rows stored, so a shard of a
+    sharded bank starts as the same rows of the whole one (and a one-rank run as one process)."""
+    bank = CodeBank(50, 6, seed=7, device=device)
+    assert bank.codes.device.type == device and bank.codes.dtype == torch.float32
+    assert torch.equal(bank.codes, rng.normal(7, rng.BANK_INIT, 0, torch.arange(50, device=device), 6))
+    assert torch.equal(bank.codes, initial_codes(7, torch.arange(50, device=device), 6))
+    shard = CodeBank(50, 6, seed=7, device=device, shard=(20, 35))
+    assert (shard.start, shard.end) == (20, 35) and shard.used.shape == (50,)
+    assert torch.equal(shard.codes, bank.codes[20:35])
+    assert not torch.equal(CodeBank(50, 6, seed=8, device=device).codes, bank.codes)
+    z = bank.codes.double()
+    assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
+
+
+@pytest.mark.parametrize("shard", [(-1, 3), (4, 3), (0, 11)])
+def test_bad_shard(shard):
+    with pytest.raises(ValueError, match="shard must be"):
+        CodeBank(10, 3, shard=shard)

@@ -1,5 +1,5 @@
-"""The sharded code bank and data-parallel training (acn_kernels.acn.distributed) on 2 and 3 Gloo
-processes on the CPU, against one process.
+"""The sharded code bank and data-parallel training (acn_kernels.acn.distributed) on 1, 2 and 3
+Gloo processes on the CPU, against one process.
 
 Each test starts its ranks as subprocesses running this file (``python test_distributed.py
 SCENARIO RANK WORLD FOLDER``) with a file:// rendezvous, one thread each, a 60 s process-group
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from acn_kernels import CodeBank, masked_topk
-from acn_kernels.acn.distributed import PassSampler, initial_codes, shard_range
+from acn_kernels.acn.bank import initial_codes
+from acn_kernels.acn.distributed import PassSampler, shard_range
 
 HARD_LIMIT_S = 120
 # (N, D, K, global batch): shards smaller than K at 3 ranks (N=8), and a bank whose pass ends
@@ -56,9 +57,7 @@ def assert_ok(done: list[subprocess.CompletedProcess]) -> None:
 
 
 def one_process_bank(n: int, d: int, k: int, seed: int = 3) -> CodeBank:
-    bank = CodeBank(n, d, k, seed)
-    bank.codes.copy_(initial_codes(seed, torch.arange(n), d))
-    return bank
+    return CodeBank(n, d, k, seed)  # the same initial codes as every sharded bank of this seed
 
 
 def global_batches(n: int, b: int, passes: int, seed: int = 3):
@@ -144,7 +143,7 @@ def tiny_data(n: int):
 
 
 def tiny_config(out_steps: int):
-    from acn_kernels.acn.train import TrainConfig
+    from acn_kernels.acn.config import TrainConfig
 
     return TrainConfig(batch_size=TRAIN["batch"], minutes=None, steps=out_steps, checkpoint_every=4, seed=3,
                        code_dim=4, k=3, components=2)
@@ -155,13 +154,12 @@ def one_process_training(steps: int):
 
     data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
     model = config.build(TRAIN["n"], data.image_shape)
-    model.bank.codes.copy_(initial_codes(config.seed, torch.arange(TRAIN["n"]), config.code_dim))
     history = train.train(model, data, config, None, progress=False)
     return model, history
 
 
 def assert_same_training(tmp_path, model, history, world: int) -> None:
-    from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
 
     ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
     want = model.state_dict()
@@ -197,12 +195,14 @@ def test_resume_on_two_ranks(tmp_path):
 
 
 def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
-    from acn_kernels.acn.train import CHECKPOINT, TrainConfig, load_checkpoint
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+    from acn_kernels.acn.config import TrainConfig
 
     data = tiny_data(TRAIN["n"])
     torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
+    # --epochs 0 means no limit, as for acn-train in one process (it once meant zero steps here).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "acn_kernels.acn.distributed", "--data", str(tmp_path / "data.pt"), "--steps", "3",
+           "-m", "acn_kernels.acn.cli", "--data", str(tmp_path / "data.pt"), "--steps", "3", "--epochs", "0",
            "--batch-size", "8", "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HARD_LIMIT_S)
@@ -217,7 +217,7 @@ def test_torchrun_command_writes_a_single_process_checkpoint(tmp_path):
 @pytest.mark.parametrize("where", ["bank", "search", "train"])
 def test_a_failing_rank_stops_every_rank(tmp_path, where):
     """Rank 1 raises: in the bank's own argument checks (duplicate rows in neighbours, an
-    exclude_index out of range in search), or in its encoder in the middle of train_distributed's
+    exclude_index out of range in search), or in its encoder in the middle of the training loop's
     second step; every rank exits with an error, none hangs."""
     done = launch("fail", 3, tmp_path, where)
     assert [d.returncode != 0 for d in done] == [True, True, True]
@@ -227,13 +227,106 @@ def test_a_failing_rank_stops_every_rank(tmp_path, where):
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 9: one loop, one bank. A one-rank distributed run is a single process's run.
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-rank Gloo process group in this process (a FileStore rendezvous)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def runtimes():
+    from acn_kernels.acn.distributed import DistributedRuntime
+    from acn_kernels.acn.train import Runtime
+
+    return {"one process": Runtime(), "one rank": DistributedRuntime()}
+
+
+def train_tiny(runtime, out, steps: int, model: str = "acn", resume=None, rng_seed: int | None = None):
+    """Train the tiny model; ``rng_seed`` reseeds torch's global RNG between building and training."""
+    from acn_kernels.acn.train import train
+
+    data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
+    config.model = model
+    net = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    return train(net, data, config, str(out), resume=resume, progress=False, runtime=runtime)
+
+
+def assert_close_tree(a, b, path: str = "") -> None:
+    """Same structure and keys; float tensors and floats within float32 tolerance; the rest equal."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key not in ("elapsed", "elapsed_s"):  # wall clock
+                assert_close_tree(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_tree(x, y, f"{path}/{i}")
+    elif isinstance(a, torch.Tensor) and a.is_floating_point():
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=path)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("model", ["acn", "vae"])
+def test_one_rank_equals_one_process(tmp_path, one_rank, model, monkeypatch):
+    """Same checkpoint (weights, bank, optimiser, position, RNG state, history, every key), and
+    the same plots during the run (metrics.png after each pass with PLOT_SECONDS = 0)."""
+    from acn_kernels.acn import train as loop
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+
+    plots = []
+    monkeypatch.setattr(loop, "PLOT_SECONDS", 0.0)
+    monkeypatch.setattr(loop, "plot_history", lambda history, path: plots.append(len(history)))
+    ckpts, passes = [], []
+    for name, runtime in runtimes().items():
+        plots.clear()
+        history = train_tiny(runtime, tmp_path / name, TRAIN["steps"], model)
+        passes.append(list(plots))
+        ckpts.append(load_checkpoint(str(tmp_path / name / CHECKPOINT)))
+        assert len(history) == 2 and "test_loss" in history[-1], name
+    assert passes == [[1, 2], [1, 2]]  # one plot per pass, none repeated at the end
+    assert ckpts[0]["world_size"] == ckpts[1]["world_size"] == 1
+    assert_close_tree(ckpts[0], ckpts[1])
+
+
+@pytest.mark.parametrize("name", ["one process", "one rank"])
+def test_resume_restores_the_rng_state(tmp_path, one_rank, name):
+    from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
+
+    train_tiny(runtimes()[name], tmp_path, 4)
+    ckpt = load_checkpoint(str(tmp_path / CHECKPOINT))
+    train_tiny(runtimes()[name], tmp_path, TRAIN["steps"], resume=ckpt, rng_seed=12345)  # another state
+    # Training draws only counter-based numbers, so the state is the checkpoint's, restored.
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    assert load_checkpoint(str(tmp_path / CHECKPOINT))["position"]["step"] == TRAIN["steps"]
+
+
+# ------------------------------------------------------------------------------------------------
 # The ranks
 
 
 def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[str]) -> None:
     import torch.distributed as dist
 
-    from acn_kernels.acn.distributed import DistributedCodeBank, shard_model, train_distributed
+    from acn_kernels.acn.distributed import DistributedCodeBank, DistributedRuntime
+    from acn_kernels.acn.train import train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{scenario}", rank=rank,
@@ -263,16 +356,18 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                             "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
                            f"{folder}/bank{case}_rank{rank}.pt")
         elif scenario == "train":
-            from acn_kernels.acn.train import CHECKPOINT, load_checkpoint
+            from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
 
             steps = int(extra[0])
             data, config = tiny_data(TRAIN["n"]), tiny_config(steps)
-            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            runtime = DistributedRuntime()
+            model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
             resume = load_checkpoint(f"{folder}/{CHECKPOINT}") if extra[1:] == ["resume"] else None
-            train_distributed(model, data, config, folder, resume=resume, progress=False)
+            train(model, data, config, folder, resume=resume, progress=False, runtime=runtime)
         elif scenario == "fail" and extra[0] == "train":
             data, config = tiny_data(TRAIN["n"]), tiny_config(4)
-            model = shard_model(config.build(TRAIN["n"], data.image_shape))
+            runtime = DistributedRuntime()
+            model = runtime.prepare(config.build(TRAIN["n"], data.image_shape))
             if rank == 1:
                 encode, calls = model.encoder.forward, []
 
@@ -283,7 +378,7 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                     return encode(x)
 
                 model.encoder.forward = failing
-            train_distributed(model, data, config, None, progress=False)
+            train(model, data, config, None, progress=False, runtime=runtime)
         elif scenario == "fail":
             bank = DistributedCodeBank(12, 2, 2)
             idx = torch.tensor_split(torch.arange(6), world)[rank]

@@ -1,6 +1,6 @@
 """masked_topk on every runnable backend: against the float64 reference, faiss-cpu and
 scikit-learn; exact ties, masks, exclusions, NaN/inf, overflow, padding; dtypes and layouts;
-registration (opcheck, torch.compile), gradients, bad input, and the KNNLayer module."""
+registration (opcheck, torch.compile), gradients, bad input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from testing import backend_params, poisoned_outputs, requires_ext
 
 import acn_kernels
-from acn_kernels import MAX_K, KNNLayer, reference
+from acn_kernels import MAX_K, reference
 
 BACKENDS = backend_params(include_torch=True)
 COMPILED = backend_params()
@@ -569,31 +569,3 @@ def test_bad_input_cpp_op(name, change, exc, match):
                        .replace("a floating-point", "a floating-point")):
         torch.ops.acn_kernels.masked_topk(args["queries"], args["bank"], args["k"], args["exclude_mask"],
                                           args["exclude_index"])
-
-
-# ---------------------------------------------------------------------------------------------
-# KNNLayer
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_knn_layer(backend, device):
-    g = torch.Generator().manual_seed(8)
-    bank = torch.randn(120, 6, generator=g)
-    layer = KNNLayer(bank, k=4, backend=backend).to(device)
-    assert "bank" in layer.state_dict() and layer.bank.device.type == device
-    assert "k=4" in repr(layer)
-    q = torch.randn(5, 6, generator=g).to(device).requires_grad_()
-    mask = (torch.arange(120) < 10).to(device)
-    excl = torch.tensor([20, -1, 30, 40, 50]).to(device)
-    out = layer(q, exclude_mask=mask, exclude_index=excl)
-    assert isinstance(out, acn_kernels.MaskedTopK)
-    want = acn_kernels.masked_topk(q, layer.bank, 4, exclude_mask=mask, exclude_index=excl, backend="torch")
-    assert torch.equal(out.indices.cpu(), want.indices.cpu())
-    torch.testing.assert_close(out.dists, want.dists)
-    assert not (out.indices < 10).any() and not (out.indices == excl.unsqueeze(1)).any()
-    (gq,) = torch.autograd.grad(out.dists.sum(), q)
-    torch.testing.assert_close(gq, 2 * (4 * q - layer.bank[out.indices].sum(1)).detach())
-    bank.zero_()  # the layer holds its own copy
-    assert layer.bank.abs().sum() > 0
-    with pytest.raises(ValueError, match="bank must be a"):
-        KNNLayer(torch.randn(5), k=1)

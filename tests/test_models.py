@@ -11,14 +11,14 @@ from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 from acn_kernels import ACN, VAE, CodeBank, MixturePrior
 from acn_kernels.acn import rng
-from acn_kernels.acn.models import (
+from acn_kernels.acn.models import build_model
+from acn_kernels.acn.networks import (
     ConvDecoder,
     ConvEncoder,
     MLPDecoder,
     MLPEncoder,
     PixelCNNDecoder,
     bernoulli_nll,
-    build_model,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

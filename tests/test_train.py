@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from acn_kernels.acn import cli, evaluate, train
 from acn_kernels.acn import data as acn_data
-from acn_kernels.acn import evaluate, train
-from acn_kernels.acn.train import CHECKPOINT, TrainConfig, atomic_save, load_checkpoint
+from acn_kernels.acn.checkpoint import CHECKPOINT, FORMAT_VERSION, atomic_write, load_checkpoint, save_checkpoint
+from acn_kernels.acn.config import TrainConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,7 +133,7 @@ def test_training_smoke_and_outputs(tiny, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"] == hist
     assert (tmp_path / "metrics.png").stat().st_size > 0
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert ckpt["format_version"] == train.FORMAT_VERSION
+    assert ckpt["format_version"] == FORMAT_VERSION
     assert {"config", "model", "optimizer", "position", "rng", "history"} <= ckpt.keys()
     assert {"bank.codes", "bank.used", "bank._extra_state"} <= ckpt["model"].keys()
     assert ckpt["position"]["offset"] == 0 and ckpt["position"]["pass_index"] == 2
@@ -172,7 +174,7 @@ def test_resume_matches_uninterrupted(tiny, tmp_path, stop):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": train.FORMAT_VERSION, "v": torch.arange(3)}, path)
+    save_checkpoint({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -180,7 +182,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        atomic_save({"v": torch.arange(5)}, path)
+        save_checkpoint({"v": torch.arange(5)}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was removed
@@ -188,16 +190,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"format_version": train.FORMAT_VERSION, "v": torch.arange(3)}, path)
+    save_checkpoint({"format_version": FORMAT_VERSION, "v": torch.arange(3)}, path)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from acn_kernels.acn.train import atomic_save
+        from acn_kernels.acn.checkpoint import save_checkpoint
         def dying_save(obj, f):
             f.write(b"half a checkpoint")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = dying_save
-        atomic_save({{"v": torch.arange(5)}}, {path!r})
+        save_checkpoint({{"v": torch.arange(5)}}, {path!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
@@ -221,9 +223,9 @@ def test_commands_train_resume_and_eval(tiny, tmp_path):
     out = str(tmp_path / "run")
     args = ["--data", str(tmp_path / "digits.pt"), "--out", out, "--batch-size", "50", "--no-progress",
             "--code-dim", "8"]
-    assert train.main([*args, "--steps", "4"]) == 0
+    assert cli.train_main([*args, "--steps", "4"]) == 0
     assert load_checkpoint(os.path.join(out, CHECKPOINT))["position"]["step"] == 4
-    assert train.main([*args, "--steps", "7", "--resume"]) == 0
+    assert cli.train_main([*args, "--steps", "7", "--resume"]) == 0
     ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
     assert ckpt["position"]["step"] == 7 and ckpt["config"]["code_dim"] == 8
     for name in ("reconstructions.png", "daydreams.png", "neighbours.png", "metrics.png", "metrics.json"):
@@ -232,10 +234,10 @@ def test_commands_train_resume_and_eval(tiny, tmp_path):
     assert {"heldout", "representation"} <= final.keys()
 
     vae_out = str(tmp_path / "vae")
-    assert train.main(["--data", str(tmp_path / "digits.pt"), "--out", vae_out, "--model", "vae",
+    assert cli.train_main(["--data", str(tmp_path / "digits.pt"), "--out", vae_out, "--model", "vae",
                        "--steps", "3", "--batch-size", "50", "--no-progress", "--no-report"]) == 0
     ev = str(tmp_path / "eval")
-    assert evaluate.main([out, vae_out, "--out", ev, "--daydream-steps", "2"]) == 0
+    assert cli.eval_main([out, vae_out, "--out", ev, "--daydream-steps", "2"]) == 0
     res = json.loads(open(os.path.join(ev, "eval.json")).read())
     assert len(res) == 4 and "pixels" in res and "pca16" in res
     assert os.path.getsize(os.path.join(ev, "run", "daydreams.png")) > 0
@@ -248,3 +250,41 @@ def test_heldout_terms_are_reproducible(tiny):
     b = evaluate.heldout_terms(model, tiny.test_x, batch=7)
     assert a == pytest.approx(b, rel=1e-5)
     assert a["test_loss"] == pytest.approx(a["test_kl"] + a["test_recon"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 9: one atomic write, one command
+
+
+@pytest.mark.parametrize(("content", "want"), [
+    ("text, UTF-8: \u00fc", "text, UTF-8: \u00fc".encode()),
+    (b"\x00\x01 bytes", b"\x00\x01 bytes"),
+    (lambda f: f.write(b"by a writer"), b"by a writer"),
+], ids=["text", "bytes", "writer"])
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch, content, want):
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write(str(path), content)
+    assert synced == ["file", "folder"]  # the data before the rename, the rename itself after
+    assert path.read_bytes() == want
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_epochs_zero_means_no_limit(tiny, tmp_path):
+    """acn-train --epochs 0: no pass limit (the other budgets decide), under torchrun too
+    (test_distributed.py runs the same command on 2 ranks)."""
+    torch.save({"train_x": tiny.train_x[:100], "test_x": tiny.test_x[:20]}, tmp_path / "digits.pt")
+    out = str(tmp_path / "run")
+    assert cli.train_main(["--data", str(tmp_path / "digits.pt"), "--out", out, "--batch-size", "50",
+                           "--code-dim", "4", "--epochs", "0", "--steps", "5", "--minutes", "0",
+                           "--no-progress", "--no-report"]) == 0
+    ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
+    assert ckpt["position"]["step"] == 5 and len(ckpt["history"]) == 2 and ckpt["config"]["epochs"] is None

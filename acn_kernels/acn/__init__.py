@@ -2,6 +2,7 @@
 the kernel layer (:mod:`acn_kernels.ops`, :mod:`acn_kernels.nn`), which never imports it."""
 
 from .bank import CodeBank, Neighbours
-from .models import ACN, VAE, MixturePrior
+from .models import ACN, VAE
+from .prior import MixturePrior
 
 __all__ = ["ACN", "VAE", "CodeBank", "MixturePrior", "Neighbours"]

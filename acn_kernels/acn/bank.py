@@ -1,20 +1,34 @@
 """The code bank: one stored code per training example, and the pass's unique-neighbour rule.
 
-:class:`CodeBank` implements steps 1-5 of the batch in DESIGN.md ("The model, as the library
-implements it"): write the batch's fresh codes, then resolve one neighbour per query in batch
-order, with counter-based picks, the end-of-pass fallback and chunking beyond ``MAX_K``.
+:class:`CodeBank` implements steps 1-5 of the batch in docs/design.md ("The model"): write the
+batch's fresh codes, then resolve one neighbour per query in batch order, with counter-based
+picks, the end-of-pass fallback and chunking beyond ``MAX_K``. Its sharded form,
+:class:`~acn_kernels.acn.distributed.DistributedCodeBank`, shares this construction and this
+write, resolve and rollback; it overrides only the hooks that gather a batch over the ranks and
+search every shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_exclude_index, check_k
 from ..ops import MAX_K, MaskedTopK, masked_topk
 from . import rng
+
+
+def initial_codes(seed: int, rows: torch.Tensor, code_dim: int) -> torch.Tensor:
+    """float32 [len(rows), code_dim] on rows' device: the N(0, 1) initial codes of bank rows ``rows`` (int64).
+
+    Counter-based (:data:`acn_kernels.acn.rng.BANK_INIT`): row i's code depends only on (seed, i),
+    so a bank sharded over any number of processes starts as the single-process one.
+    """
+    return rng.normal(seed, rng.BANK_INIT, 0, rows, code_dim, torch.float32)
 
 
 class Neighbours(NamedTuple):
@@ -32,7 +46,8 @@ class CodeBank(nn.Module):
         num_codes: N, the number of training examples (rows), at least 2.
         code_dim: D.
         k: K, how many nearest eligible rows each query draws its neighbour from (default 5).
-        seed: seeds the counter-based neighbour picks (:mod:`acn_kernels.acn.rng`).
+        seed: seeds the initial codes and the counter-based neighbour picks
+            (:mod:`acn_kernels.acn.rng`).
         max_search_k: the largest k of one :func:`~acn_kernels.masked_topk` call (default and
             maximum ``MAX_K``). A batch of G queries may need K + G - 1 candidates per query to
             be exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.
@@ -43,16 +58,21 @@ class CodeBank(nn.Module):
             those picks masked, so the result is the same whatever the headroom; a small one
             saves search work, because such losses are rare in a large bank.
         backend: passed to :func:`~acn_kernels.masked_topk` (None = automatic dispatch).
+        device: where the buffers are allocated (default the CPU; ``.to()`` moves them later).
+        shard: (start, end): this object stores only rows [start, end) of the bank, for a subclass
+            whose searches span every shard (the DistributedCodeBank); None, the default, is the
+            whole bank.
 
-    Buffers (moved by ``.to()``, saved by ``state_dict``): ``codes`` [N, D] float32, initialised
-    N(0, 1) from ``seed``; ``used`` [N] bool. The pass index, the fallback count, K and the seed
-    travel in the state_dict's extra state.
+    Buffers (moved by ``.to()``, saved by ``state_dict``): ``codes`` [end - start, D] float32, row
+    i initialised by :func:`initial_codes` (N(0, 1), counter-based from ``seed``); ``used`` [N]
+    bool. The pass index, the fallback count, K and the seed travel in the state_dict's extra
+    state.
 
-    Which rows query b may pick (DESIGN.md): not its own row, not used earlier in this pass, not
-    taken by queries 0..b-1 of the batch. Its candidates are the K nearest such rows by (distance,
-    row); with n_b of them (n_b <= K) it picks candidate floor(u_b * n_b), u_b the uniform of
-    (seed, pass, index[b]). If n_b = 0 (only possible at the very end of a pass) the used mask is
-    ignored for that query, its own row still excluded, and :attr:`fallbacks` counts it.
+    Which rows query b may pick (docs/design.md, "The model"): not its own row, not used earlier in
+    this pass, not taken by queries 0..b-1 of the batch. Its candidates are the K nearest such rows
+    by (distance, row); with n_b of them (n_b <= K) it picks candidate floor(u_b * n_b), u_b the
+    uniform of (seed, pass, index[b]). If n_b = 0 (only possible at the very end of a pass) the used
+    mask is ignored for that query, its own row still excluded, and :attr:`fallbacks` counts it.
     Within a pass the neighbour map is then (barring a fallback) injective without fixed points.
     """
 
@@ -69,6 +89,8 @@ class CodeBank(nn.Module):
         max_search_k: int = MAX_K,
         headroom: int | None = None,
         backend: str | None = None,
+        device: torch.device | str = "cpu",
+        shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if num_codes < 2:
@@ -79,17 +101,22 @@ class CodeBank(nn.Module):
             raise ValueError(f"k must lie in [1, MAX_K={MAX_K}], got {k}")
         if not k <= max_search_k <= MAX_K:
             raise ValueError(f"max_search_k must lie in [k={k}, MAX_K={MAX_K}], got {max_search_k}")
-        self.num_codes, self.code_dim, self.k, self.seed = int(num_codes), int(code_dim), int(k), int(seed)
         if headroom is not None and headroom < 0:
             raise ValueError(f"headroom must be >= 0 or None, got {headroom}")
+        start, end = (0, num_codes) if shard is None else shard
+        if not 0 <= start <= end <= num_codes:
+            raise ValueError(f"shard must be (start, end) with 0 <= start <= end <= num_codes={num_codes}, "
+                             f"got {shard}")
+        self.num_codes, self.code_dim, self.k, self.seed = int(num_codes), int(code_dim), int(k), int(seed)
         self.max_search_k = int(max_search_k)
         self.headroom = self.k if headroom is None else int(headroom)
         self.backend = backend
+        self.start, self.end = int(start), int(end)
         self.pass_index = 0
         self.fallbacks = 0
-        gen = torch.Generator().manual_seed(self.seed)
-        self.register_buffer("codes", torch.randn(num_codes, code_dim, generator=gen))
-        self.register_buffer("used", torch.zeros(num_codes, dtype=torch.bool))
+        rows = torch.arange(self.start, self.end, device=device)
+        self.register_buffer("codes", initial_codes(self.seed, rows, self.code_dim))
+        self.register_buffer("used", torch.zeros(num_codes, dtype=torch.bool, device=device))
 
     # ---------------------------------------------------------------------------------------
     # State
@@ -113,10 +140,15 @@ class CodeBank(nn.Module):
         return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, k={self.k}, seed={self.seed}, "
                 f"pass_index={self.pass_index}, backend={self.backend!r}")
 
+    @torch.no_grad()
+    def full_codes(self) -> torch.Tensor | None:
+        """The whole bank [N, D] (a sharded bank gathers it on rank 0 and returns None elsewhere)."""
+        return self.codes
+
     # ---------------------------------------------------------------------------------------
     # Argument checks
 
-    def _check(self, index: torch.Tensor, codes: torch.Tensor | None) -> None:
+    def _check(self, index: torch.Tensor, codes: torch.Tensor | None, *, finite: bool) -> None:
         if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
             raise TypeError(f"index must be a 1-D int64 tensor, got {getattr(index, 'dtype', type(index))} "
                             f"with shape {tuple(getattr(index, 'shape', ()))}")
@@ -134,6 +166,8 @@ class CodeBank(nn.Module):
                 raise ValueError(f"codes has {codes.shape[0]} rows but index has {index.shape[0]}")
             if codes.device != self.codes.device:
                 raise ValueError(f"codes is on {codes.device} but the bank is on {self.codes.device}")
+            if finite and not bool(torch.isfinite(codes).all()):
+                raise ValueError("codes must be finite (a NaN or inf code has no neighbours)")
         if index.numel():
             # One host sync on GPU (as masked_topk's own index check).
             lo, hi = int(index.min()), int(index.max())
@@ -144,14 +178,80 @@ class CodeBank(nn.Module):
             if torch.unique(index).numel() != index.numel():
                 raise ValueError("index holds duplicate rows; each example may appear once per batch")
 
+    def _check_search(self, codes: torch.Tensor, k: int, exclude_index: torch.Tensor | None) -> None:
+        # Checked here, not only by masked_topk, because a sharded bank must know before its first
+        # collective whether the call can run.
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != self.code_dim:
+            raise ValueError(f"codes must have shape [B, code_dim={self.code_dim}], "
+                             f"got {tuple(getattr(codes, 'shape', ()))}")
+        check_k(k, self.num_codes)
+        if exclude_index is not None:
+            check_exclude_index(exclude_index, codes.shape[0], self.num_codes, codes.device)
+
+    @staticmethod
+    def _error(check: Callable[[], None]) -> Exception | None:
+        """The argument error ``check`` raises, if any, returned so that a sharded bank can tell
+        its peers before raising it."""
+        try:
+            check()
+        except (TypeError, ValueError) as e:
+            return e
+        return None
+
+    # ---------------------------------------------------------------------------------------
+    # Hooks: the global batch and the stored rows (a sharded bank overrides the first three)
+
+    def _global_batch(
+        self, error: Exception | None, index: torch.Tensor, codes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
+        """(the global batch's index [G], its codes [G, D] float32 or None, where this caller's
+        part of it lies). One process's batch is the global batch."""
+        if error is not None:
+            raise error
+        return index, None if codes is None else codes.detach().to(self.codes.dtype), slice(0, index.shape[0])
+
+    def _global_queries(
+        self, error: Exception | None, codes: torch.Tensor, exclude_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
+        """(the global queries [G, D] float32, their exclude_index [G] or None, this caller's part)."""
+        if error is not None:
+            raise error
+        return codes.detach().to(self.codes.dtype), exclude_index, slice(0, codes.shape[0])
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclude_mask: torch.Tensor | None, exclude_index: torch.Tensor | None
+    ) -> MaskedTopK:
+        """The k nearest eligible rows of the whole bank (global rows), (distance, row) order."""
+        return masked_topk(queries, self.codes, k, exclude_mask=exclude_mask, exclude_index=exclude_index,
+                           backend=self.backend)
+
+    def _codes_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stored codes [G, D] of global rows [G] (all stored here)."""
+        return self.codes[rows]
+
+    def _write(self, index: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Store codes [G, D] into those of the global rows ``index`` [G] that this object holds;
+        returns what they held before [G, D] (the new codes where another shard holds the row),
+        which written back undoes the write."""
+        if self.start == 0 and self.end == self.num_codes:
+            mine, local = slice(None), index
+        else:
+            mine = (index >= self.start) & (index < self.end)
+            local = index[mine] - self.start
+        old = codes.clone()
+        old[mine] = self.codes[local]
+        self.codes[local] = codes[mine]
+        return old
+
     # ---------------------------------------------------------------------------------------
     # Public operations
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, codes: torch.Tensor) -> None:
         """Write fresh codes [B, D] (detached, cast to float32) into rows ``index`` [B] int64."""
-        self._check(index, codes)
-        self.codes[index] = codes.detach().to(self.codes.dtype)
+        error = self._error(lambda: self._check(index, codes, finite=False))
+        g_index, g_codes, _ = self._global_batch(error, index, codes)
+        self._write(g_index, g_codes)
 
     @torch.no_grad()
     def search(
@@ -160,14 +260,13 @@ class CodeBank(nn.Module):
         """The k (default min(K, N)) nearest bank rows of each query [B, D], ignoring the used mask.
 
         Side-effect free: for evaluation and retrieval. ``exclude_index`` [B] int64 (or -1) skips
-        one row per query. Returns :class:`~acn_kernels.MaskedTopK` (dists [B, k], rows [B, k]).
+        one row per query. Returns :class:`~acn_kernels.MaskedTopK` (dists [B, k], indices [B, k]).
         """
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != self.code_dim:
-            raise ValueError(f"codes must have shape [B, code_dim={self.code_dim}], "
-                             f"got {tuple(getattr(codes, 'shape', ()))}")
         k = min(self.k, self.num_codes) if k is None else k
-        return masked_topk(codes.detach().to(self.codes.dtype), self.codes, k,
-                           exclude_index=exclude_index, backend=self.backend)
+        error = self._error(lambda: self._check_search(codes, k, exclude_index))
+        queries, exclude, mine = self._global_queries(error, codes, exclude_index)
+        res = self._search(queries, k, None, exclude)
+        return MaskedTopK(res.dists[mine], res.indices[mine])
 
     @torch.no_grad()
     def neighbours(self, index: torch.Tensor, codes: torch.Tensor) -> Neighbours:
@@ -181,19 +280,17 @@ class CodeBank(nn.Module):
             :class:`Neighbours` (codes [B, D] float32, rows [B] int64). The picked rows are marked
             used. A call that raises leaves the bank as it was.
         """
-        self._check(index, codes)
-        if not bool(torch.isfinite(codes).all()):
-            raise ValueError("codes must be finite (a NaN or inf code has no neighbours)")
-        old = self.codes[index].clone()
-        self.codes[index] = codes.detach().to(self.codes.dtype)
+        error = self._error(lambda: self._check(index, codes, finite=True))
+        g_index, g_codes, mine = self._global_batch(error, index, codes)
+        old = self._write(g_index, g_codes)
         try:
-            rows, used, fallbacks = self._resolve(index, self.codes[index])
+            rows, used, fallbacks = self._resolve(g_index, g_codes)
         except BaseException:
-            self.codes[index] = old
+            self._write(g_index, old)
             raise
         self.used.copy_(used)
         self.fallbacks += fallbacks
-        return Neighbours(self.codes[rows], rows)
+        return Neighbours(self._codes_of(rows)[mine], rows[mine])
 
     # ---------------------------------------------------------------------------------------
     # The batch order
@@ -202,13 +299,12 @@ class CodeBank(nn.Module):
         self, queries: torch.Tensor, k: int, exclude_mask: torch.Tensor | None, exclude_index: torch.Tensor
     ) -> torch.Tensor:
         """Row indices [G, k] of the k nearest eligible rows, (distance, row) order, -1 padded."""
-        return masked_topk(queries, self.codes, k, exclude_mask=exclude_mask, exclude_index=exclude_index,
-                           backend=self.backend).indices
+        return self._search(queries, k, exclude_mask, exclude_index).indices
 
     def _resolve(self, index: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The picks [B] for queries ``index`` with codes ``queries`` [B, D] (already written; a
-        parameter so that a sharded bank, which holds only some rows, can share this), the new
-        used mask, and the number of fallbacks; nothing in the bank is modified."""
+        """The picks [B] for queries ``index`` with codes ``queries`` [B, D] (already written), the
+        new used mask, and the number of fallbacks; nothing in the bank is modified. A sharded
+        bank runs it identically on every rank over the global batch."""
         b, n, k = index.shape[0], self.num_codes, self.k
         used = self.used.clone()
         u = rng.uniform(self.seed, rng.NEIGHBOUR, self.pass_index, index).cpu().numpy()
@@ -249,4 +345,4 @@ class CodeBank(nn.Module):
         return torch.from_numpy(rows).to(index.device), used, len(pending)
 
 
-__all__ = ["CodeBank", "Neighbours"]
+__all__ = ["CodeBank", "Neighbours", "initial_codes"]

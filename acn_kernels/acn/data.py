@@ -54,32 +54,53 @@ def binarize(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (t >= THRESHOLD).to(torch.float32)
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+MAX_IDX_BYTES = 1 << 30
+"""The largest IDX payload :func:`read_idx` accepts (1 GiB; the MNIST training images are 47 MB)."""
+
+
+def _read_exact(f, n: int, path: object) -> bytes:
+    """n bytes from f, or a ValueError naming ``path`` (a truncated gzip stream raises EOFError)."""
+    try:
+        data = f.read(n)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: corrupt or truncated file ({type(e).__name__}: {e})") from None
+    if len(data) != n:
+        raise ValueError(f"{path}: truncated IDX file (expected {n} more bytes, found {len(data)})")
+    return data
+
+
+def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Parse an IDX file (raw, or gzipped: detected from its first bytes) into a numpy array.
 
     Format: two zero bytes, a type code (0x08 ubyte, 0x09 byte, 0x0B int16, 0x0C int32, 0x0D
     float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian uint32,
-    then the data, big-endian, row-major.
+    then the data, big-endian, row-major. The file is streamed: no more than the header's data
+    size (at most ``max_bytes``) plus one byte is ever decompressed, so a small file that inflates
+    to gigabytes is rejected at once.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[code])
-    count = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != count * dtype.itemsize:
-        raise ValueError(f"{path}: expected {count * dtype.itemsize} data bytes for shape {dims}, "
-                         f"found {len(raw) - header}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    with open(path, "rb") as raw_file:
+        gzipped = raw_file.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        head = _read_exact(f, 4, path)
+        if head[0] != 0 or head[1] != 0:
+            raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
+        code, ndim = head[2], head[3]
+        if code not in _IDX_TYPES:
+            raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
+        dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path))
+        dtype = np.dtype(_IDX_TYPES[code])
+        size = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+        if size > max_bytes:
+            raise ValueError(f"{path}: the header's shape {dims} needs {size} bytes, more than the limit "
+                             f"of {max_bytes} (read_idx(max_bytes=...))")
+        data = _read_exact(f, size, path)
+        try:
+            extra = f.read(1)
+        except (EOFError, OSError, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: corrupt or truncated file ({type(e).__name__}: {e})") from None
+        if extra:
+            raise ValueError(f"{path}: more data than the header's shape {dims} holds")
+    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _find(folder: str, stem: str) -> str:
@@ -136,8 +157,12 @@ def _as_images(t: object, name: str) -> torch.Tensor:
 def _as_labels(t: object, name: str, n: int) -> torch.Tensor | None:
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.is_floating_point():
-        raise ValueError(f"{name} must be an integer tensor of shape [{n}], got {getattr(t, 'shape', t)}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape [{n}], got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
     return t.to(torch.int64)
 
 
@@ -190,5 +215,5 @@ def load(spec: str) -> ImageData:
     raise FileNotFoundError(f"--data {spec!r}: not 'mnist5k', a folder of IDX files, or a .pt file")
 
 
-__all__ = ["THRESHOLD", "ImageData", "binarize", "from_tensors", "load", "load_default", "load_mnist_idx",
-           "read_idx"]
+__all__ = ["MAX_IDX_BYTES", "THRESHOLD", "ImageData", "binarize", "from_tensors", "load", "load_default",
+           "load_mnist_idx", "read_idx"]

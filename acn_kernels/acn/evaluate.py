@@ -1,4 +1,5 @@
-"""Sampling and evaluation: image grids, held-out compression, representation quality, ``acn-eval``.
+"""Sampling and evaluation: image grids, held-out compression, representation quality (the
+work of ``acn-eval``, :func:`acn_kernels.acn.cli.eval_main`).
 
 - :func:`heldout_terms`: KL (coding cost) and reconstruction nats per held-out image. For an ACN
   a held-out code's prior is conditioned on a neighbour drawn from the *training* bank: the K
@@ -7,16 +8,11 @@
 - :func:`representation`: linear-probe and k-NN accuracy of codes on held-out data, fitted on the
   training codes (scikit-learn); :func:`baselines` does the same for raw pixels and PCA.
 - :func:`write_report`: reconstructions.png, daydreams.png (ACN), neighbours.png, and a summary.
-- ``acn-eval RUN [RUN ...]``: all of it for trained runs, plus the pixel and PCA references, as
-  eval.json and a markdown table.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -25,7 +21,8 @@ import torch
 from ..ops import masked_topk
 from . import rng
 from .data import ImageData
-from .models import ACN, VAE, decode_sample
+from .models import ACN, VAE
+from .networks import decode_sample
 
 
 @torch.no_grad()
@@ -165,69 +162,5 @@ def write_report(
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# acn-eval
-
-
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | held-out KL | held-out recon | held-out total | linear probe | k-NN (k=5) |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        h = r.get("heldout")
-        rep = r.get("representation", {})
-        nats = (f"{h['test_kl']:.2f} | {h['test_recon']:.2f} | {h['test_loss']:.2f}" if h else "- | - | -")
-        acc = " | ".join(f"{100 * rep[key]:.1f}%" if key in rep else "-" for key in ("linear_probe", "knn"))
-        lines.append(f"| {name} | {nats} | {acc} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``acn-eval RUN [RUN ...]``: evaluate trained runs (folders holding checkpoint.pt, or
-    checkpoint files), with the raw-pixel and PCA references."""
-    from .data import load
-    from .train import CHECKPOINT, TrainConfig, load_checkpoint
-
-    p = argparse.ArgumentParser(prog="acn-eval", description=main.__doc__)
-    p.add_argument("runs", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
-    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (as acn-train's --threads)")
-    p.add_argument("--daydream-steps", type=int, default=10)
-    p.add_argument("--no-baselines", action="store_true", help="skip the pixel and PCA references")
-    p.add_argument("--no-grids", action="store_true",
-                   help="skip the image grids (slow for an autoregressive decoder: one pass per pixel)")
-    args = p.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-    results: dict[str, dict[str, Any]] = {}
-    data = None
-    for run in args.runs:
-        path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
-        ckpt = load_checkpoint(path)
-        config = TrainConfig(**ckpt["config"])
-        data = load(config.data)
-        model = config.build(data.train_x.shape[0], data.image_shape)
-        model.load_state_dict(ckpt["model"])
-        model.to(args.device)
-        name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(path)))
-        res = write_report(model, data, os.path.join(args.out, name), seed=config.seed, device=args.device,
-                           grids=not args.no_grids, daydream_steps=args.daydream_steps)
-        res["config"] = ckpt["config"]
-        res["steps"] = ckpt["position"]["step"]
-        results[f"{name} ({config.model}, {config.decoder}, {res['steps']} steps)"] = res
-    if not args.no_baselines and data is not None and data.train_y is not None and data.test_y is not None:
-        for name, rep in baselines(data).items():
-            results[name] = {"representation": rep}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = _table(results)
-    with open(os.path.join(args.out, "eval.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["baselines", "encode_all", "heldout_terms", "neighbour_grid", "reconstructions", "representation",
+           "save_grid", "write_report"]

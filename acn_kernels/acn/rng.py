@@ -1,7 +1,8 @@
 """Counter-based random draws: every number is a pure function of (seed, stream, pass, example index).
 
-DESIGN.md requires that an example's draws (its neighbour pick u_b, its reparameterisation noise
-eps, the pass order) depend neither on the batch it lands in nor on the process that handles it.
+docs/design.md ("The model") requires that an example's draws (its neighbour pick u_b, its
+reparameterisation noise eps, the pass order, its initial code) depend neither on the batch it
+lands in nor on the process that handles it.
 There is therefore no generator state to carry around: a draw is the SplitMix64 hash (Steele,
 Lea and Flood, 2014) of its coordinates, computed with int64 tensor ops, which wrap modulo 2^64
 identically on CPU and GPU. The float conversions use the top 53 bits, so uniforms are exact
@@ -10,7 +11,7 @@ float64 values in [0, 1) on every device.
 Streams keep independent uses apart: :data:`NEIGHBOUR` (the pick among the candidates),
 :data:`EPS` (eps in the loss), :data:`ORDER` (the pass's example order), and the held-out
 evaluation streams :data:`EVAL_NEIGHBOUR` and :data:`EVAL_EPS`; :data:`BANK_INIT` initialises the
-sharded code bank's rows (acn_kernels.acn.distributed).
+code bank's rows (:func:`acn_kernels.acn.bank.initial_codes`), sharded or not.
 """
 
 from __future__ import annotations

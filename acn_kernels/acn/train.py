@@ -1,6 +1,6 @@
-"""The standard ACN training loop and the ``acn-train`` command (also ``python -m acn_kernels.acn.train``).
+"""The ACN training loop (see :func:`train`; the command line is :mod:`acn_kernels.acn.cli`).
 
-The loop, in short (see :func:`train`)::
+The loop, in short::
 
     for each pass p:                                   # model.pass_index
         order = rng.permutation(seed, p, N)            # counter-based: no RNG state to carry
@@ -9,20 +9,9 @@ The loop, in short (see :func:`train`)::
             terms.loss.mean().backward(); adam.step()
         model.new_pass()                               # clears the bank's used mask
 
-Checkpoints (``<out>/checkpoint.pt``) are written at the end of every pass, every
-``checkpoint_every`` steps and when the budget runs out, atomically (a temporary file in the same
-folder, fsync, ``os.replace``), so a killed run always leaves the previous checkpoint whole. They
-load with ``torch.load(weights_only=True)`` and hold (format :data:`FORMAT_VERSION`):
-
-- ``config``: the :class:`TrainConfig` as a dict;
-- ``model``: the model's state_dict; for an ACN it includes the code bank (``bank.codes``), its
-  used mask (``bank.used``) and its pass index and fallback count (``bank._extra_state``);
-- ``optimizer``: Adam's state_dict;
-- ``position``: pass index, ``order`` (the pass's example order), ``offset`` (examples of it
-  done), ``step``, the running sums of the unfinished pass, elapsed seconds;
-- ``rng``: the seed and torch's global RNG state (training itself draws only counter-based
-  numbers, so the position fixes every future draw);
-- ``history``: the per-pass metrics so far.
+Checkpoints (``<out>/checkpoint.pt``, format: :mod:`acn_kernels.acn.checkpoint`) are written at
+the end of every pass, every ``checkpoint_every`` steps and when the budget runs out, atomically,
+so a killed run always leaves the previous checkpoint whole.
 
 A resumed run (``--resume``) continues bit-for-bit where the checkpoint stopped, mid-pass too: on
 CPU it produces the same weights as an uninterrupted run with the same ``--steps``/``--epochs``.
@@ -30,14 +19,10 @@ CPU it produces the same weights as an uninterrupted run with the same ``--steps
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -45,91 +30,15 @@ import torch
 from torch import nn
 
 from . import rng
-from .data import ImageData, load
-from .models import ACN, VAE, build_model
+from .checkpoint import CHECKPOINT, atomic_write, build_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import ImageData
+from .evaluate import heldout_terms
+from .models import ACN, VAE
 
-FORMAT_VERSION = 1
-CHECKPOINT = "checkpoint.pt"
 PLOT_SECONDS = 30.0
 """metrics.png is redrawn after a pass at most this often (drawing takes about a second), and
-always when training stops; metrics.json is rewritten after every pass."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run. Model: ``model`` ("acn" | "vae"), ``encoder`` ("mlp" |
-    "conv"), ``decoder`` ("mlp" | "conv" | "pixelcnn"), ``code_dim`` (16), ``k`` (5),
-    ``components`` (3). Optimisation: ``batch_size`` (128), ``lr`` (Adam, 1e-3), ``seed`` (0).
-    Budget, whichever ends first: ``epochs`` and ``steps`` (totals over the run, resumes
-    included), ``minutes`` (wall clock of this invocation). ``checkpoint_every``: steps between
-    mid-pass checkpoints (0 = only at pass ends and at the end)."""
-
-    model: str = "acn"
-    encoder: str = "mlp"
-    decoder: str = "mlp"
-    data: str = "mnist5k"
-    code_dim: int = 16
-    k: int = 5
-    components: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    epochs: int | None = None
-    steps: int | None = None
-    minutes: float | None = 3.0
-    checkpoint_every: int = 500
-    device: str = "cpu"
-
-    def build(self, num_train: int, image_shape: tuple[int, int, int]) -> ACN | VAE:
-        """The model this config describes, initialised from ``seed``."""
-        torch.manual_seed(self.seed)
-        return build_model(self.model, num_codes=num_train, image_shape=image_shape, encoder=self.encoder,
-                           decoder=self.decoder, code_dim=self.code_dim, k=self.k,
-                           components=self.components, seed=self.seed)
-
-
-# ------------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then os.replace: ``path`` always
-    holds either the previous complete file or the new complete one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write a text file with the same temporary-file-and-replace guarantee."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint dict (``torch.load(weights_only=True)``), its format version checked."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version!r}, this library reads {FORMAT_VERSION}")
-    return ckpt
+when training stops if it is out of date; metrics.json is rewritten after every pass."""
 
 
 def plot_history(history: list[dict[str, float]], path: str) -> None:
@@ -154,11 +63,70 @@ def plot_history(history: list[dict[str, float]], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the processes of a run differ
+
+
+class Runtime:
+    """How the processes of a run share it; this one is a single process.
+
+    :func:`train` is one loop for every number of processes: it calls these methods where a
+    distributed run differs, and :class:`acn_kernels.acn.distributed.DistributedRuntime`
+    implements them over torch.distributed (DDP, slices of the global batch, agreement on
+    failures and on the time budget, sums over the ranks, the gathered bank, rank-0 writes).
+    """
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files and shows its progress (rank 0)."""
+        return self.rank == 0
+
+    def prepare(self, model: ACN | VAE) -> ACN | VAE:
+        """The model as this process trains it (a distributed run shards an ACN's bank)."""
+        return model
+
+    def wrap(self, model: ACN | VAE) -> nn.Module:
+        """What the loop calls forward on (a distributed run: DistributedDataParallel)."""
+        return model
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's examples [b] int64 of a global batch [G] int64."""
+        return batch
+
+    def agree(self, error: BaseException | None, late: bool) -> bool:
+        """Called by every process after each forward pass: re-raises this process's ``error``
+        (a distributed run tells its peers first, and raises PeerFailure for theirs), else
+        returns whether to stop after this step, which is rank 0's ``late`` (one clock decides)."""
+        if error is not None:
+            raise error
+        return late
+
+    def total(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` [4] float64 added over the processes (on the CPU)."""
+        return sums
+
+    def share(self, sums: torch.Tensor) -> torch.Tensor:
+        """This process's share of a resumed run's sums [4] (all of them on rank 0)."""
+        return sums.clone() if self.rank == 0 else torch.zeros_like(sums)
+
+    def whole(self, model: ACN | VAE) -> ACN | VAE | None:
+        """Called by every process: the model with its whole code bank on the writing process (for
+        checkpoints and held-out metrics), None on the others."""
+        return model
+
+
+# ------------------------------------------------------------------------------------------------
 # The loop
 
 
 @dataclasses.dataclass
-class _Position:
+class Position:
+    """Where a run stands: the pass, its example order [N] int64, how many of them are done, the
+    optimiser steps, this process's running sums of the pass ([4] float64: examples, loss, KL,
+    reconstruction nats), and the seconds trained so far."""
+
     pass_index: int
     order: torch.Tensor
     offset: int = 0
@@ -166,19 +134,15 @@ class _Position:
     sums: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
     elapsed: float = 0.0
 
+    def state(self, sums: torch.Tensor) -> dict[str, Any]:
+        """The checkpoint's ``position``, holding ``sums`` (the run's, over every process)."""
+        return {"pass_index": self.pass_index, "order": self.order.cpu(), "offset": self.offset,
+                "step": self.step, "sums": sums.clone(), "elapsed": self.elapsed}
 
-def _checkpoint(config: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, pos: _Position,
-                history: list[dict[str, float]]) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "config": dataclasses.asdict(config),
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "position": {"pass_index": pos.pass_index, "order": pos.order.cpu(), "offset": pos.offset,
-                     "step": pos.step, "sums": pos.sums.clone(), "elapsed": pos.elapsed},
-        "rng": {"seed": config.seed, "torch": torch.get_rng_state()},
-        "history": history,
-    }
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Position:
+        return cls(state["pass_index"], state["order"].to(device), state["offset"], state["step"],
+                   state["sums"].clone(), state["elapsed"])
 
 
 def train(
@@ -189,198 +153,136 @@ def train(
     *,
     resume: dict[str, Any] | None = None,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``data.train_x`` with Adam until the budget in ``config`` runs out.
 
     Args:
         model: an :class:`~acn_kernels.ACN` (its bank sized to the training set) or a
-            :class:`~acn_kernels.VAE`, on ``config.device``.
+            :class:`~acn_kernels.VAE`, on ``config.device`` (in a distributed run, on every rank,
+            after ``runtime.prepare``).
         data: binarised images; ``data.test_x`` gives held-out metrics after each pass.
-        config: batch size, learning rate, seed, budget, checkpoint interval.
+        config: batch size (the global batch), learning rate, seed, budget, checkpoint interval.
         out_dir: where checkpoint.pt, metrics.json (after every pass) and metrics.png (see
             :data:`PLOT_SECONDS`) go (None: nowhere).
-        resume: a checkpoint dict (:func:`load_checkpoint`) to continue from; model and
-            optimiser state, pass position and history are restored from it.
+        resume: a checkpoint dict (:func:`~acn_kernels.acn.checkpoint.load_checkpoint`) to
+            continue from; model and optimiser state, torch's RNG state, pass position and history
+            are restored from it.
         progress: show a tqdm bar with the running loss, KL and reconstruction nats of the pass.
+        runtime: :class:`Runtime` (the default: one process) or a
+            :class:`~acn_kernels.acn.distributed.DistributedRuntime`.
+
+    Each step takes the next ``batch_size`` examples of the pass's order (every process its
+    slice), and the loss is the batch's sum divided by the global batch size (times the number of
+    processes, whose gradients DDP averages), so the gradients are those of the global batch's
+    mean loss. The time budget is checked after each forward pass.
 
     Returns:
-        The per-pass metrics (loss, kl, recon per image, train and held out, in nats).
+        The per-pass metrics (loss, kl, recon per image, train and held out, in nats; the held-out
+        ones on the writing process only).
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import heldout_terms
-
+    runtime = Runtime() if runtime is None else runtime
     device = torch.device(config.device)
     x = data.train_x.to(device)
     n = x.shape[0]
+    net = runtime.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     if resume is None:
-        pos = _Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
+        pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
     else:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
-        p = resume["position"]
-        pos = _Position(p["pass_index"], p["order"].to(device), p["offset"], p["step"], p["sums"].clone(),
-                        p["elapsed"])
+        pos = Position.from_state(resume["position"], device)
+        pos.sums = runtime.share(pos.sums)
         history = list(resume["history"])
-    if out_dir is not None:
+    writes = out_dir is not None and runtime.writes
+    if writes:
         os.makedirs(out_dir, exist_ok=True)
 
-    def save() -> None:
-        if out_dir is not None:
-            atomic_save(_checkpoint(config, model, opt, pos, history), os.path.join(out_dir, CHECKPOINT))
+    def save(whole: ACN | VAE | None) -> None:
+        """Every process calls it (the sums are collective); ``whole``: runtime.whole(model)."""
+        sums = runtime.total(pos.sums)
+        if writes:
+            ckpt = build_checkpoint(config, whole.state_dict(), opt.state_dict(), pos.state(sums), history,
+                                    world_size=runtime.world_size)
+            save_checkpoint(ckpt, os.path.join(out_dir, CHECKPOINT))
 
-    start = time.monotonic()
-    elapsed0 = pos.elapsed
+    def out_of_steps() -> bool:
+        return ((config.epochs is not None and len(history) >= config.epochs)
+                or (config.steps is not None and pos.step >= config.steps))
 
-    def budget_left() -> bool:
-        pos.elapsed = elapsed0 + time.monotonic() - start
-        return not ((config.epochs is not None and len(history) >= config.epochs)
-                    or (config.steps is not None and pos.step >= config.steps)
-                    or (config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes))
-
-    per_pass = math.ceil(n / config.batch_size)
+    start, elapsed0 = time.monotonic(), pos.elapsed
     total = config.steps
     if config.epochs is not None:
-        total = min(total or 1 << 62, config.epochs * per_pass)
-    bar = tqdm(total=total, initial=pos.step, disable=not progress, unit="step", dynamic_ncols=True)
-    saved_at = pos.step
-    plotted_at = -math.inf
+        total = min(total or 1 << 62, config.epochs * math.ceil(n / config.batch_size))
+    bar = tqdm(total=total, initial=pos.step, disable=not (progress and runtime.writes), unit="step",
+               dynamic_ncols=True)
+    saved_at, plotted_at, plotted_passes = pos.step, -math.inf, len(history)
     model.train()
-    while budget_left():
-        idx = pos.order[pos.offset : pos.offset + config.batch_size]
-        terms = model(x[idx], idx)
+    stop = out_of_steps()
+    while not stop:
+        batch = pos.order[pos.offset : pos.offset + config.batch_size]
+        idx = runtime.local(batch)
+        error = None
+        try:
+            terms = net(x[idx], idx)
+        except Exception as e:  # the runtime tells the other processes, then re-raises it
+            error = e
+        pos.elapsed = elapsed0 + time.monotonic() - start
+        late = config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes
+        time_up = runtime.agree(error, late)
         opt.zero_grad(set_to_none=True)
-        terms.loss.mean().backward()
+        (terms.loss.sum() * runtime.world_size / batch.numel()).backward()
         opt.step()
 
-        pos.offset += idx.numel()
+        pos.offset += batch.numel()
         pos.step += 1
         pos.sums += torch.stack([torch.tensor(float(idx.numel())), terms.loss.detach().sum().cpu(),
                                  terms.kl.detach().sum().cpu(), terms.recon.detach().sum().cpu()]).double()
         bar.update(1)
-        if pos.step % 10 == 0 or pos.offset == n:
+        if pos.step % 10 == 0 and pos.sums[0] > 0:
             loss, kl, recon = (pos.sums[1:] / pos.sums[0]).tolist()
             bar.set_postfix(epoch=len(history) + 1, loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
 
         if pos.offset == n:  # end of the pass
-            loss, kl, recon = (pos.sums[1:] / pos.sums[0]).tolist()
+            sums = runtime.total(pos.sums)
+            loss, kl, recon = (sums[1:] / sums[0]).tolist()
             row = {"epoch": len(history) + 1, "step": pos.step, "train_loss": loss, "train_kl": kl,
-                   "train_recon": recon, **heldout_terms(model, data.test_x, device=device),
-                   "elapsed_s": elapsed0 + time.monotonic() - start}
+                   "train_recon": recon}
+            model.new_pass()
+            whole = runtime.whole(model)
+            if whole is not None:
+                row.update(heldout_terms(whole, data.test_x, device=device))
             if isinstance(model, ACN):
                 row["fallbacks"] = model.bank.fallbacks
+            row["elapsed_s"] = elapsed0 + time.monotonic() - start
             history.append(row)
-            model.new_pass()
+            bar.set_postfix(epoch=row["epoch"], loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
             pos.pass_index = model.pass_index
             pos.order = rng.permutation(config.seed, pos.pass_index, n, device)
             pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64)
-            if out_dir is not None:
-                atomic_write_text(json.dumps({"history": history}, indent=1),
-                                  os.path.join(out_dir, "metrics.json"))
+            if writes:
+                atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps({"history": history}, indent=1))
                 if time.monotonic() - plotted_at >= PLOT_SECONDS:
                     plot_history(history, os.path.join(out_dir, "metrics.png"))
-                    plotted_at = time.monotonic()
-            save()
+                    plotted_at, plotted_passes = time.monotonic(), len(history)
+            if out_dir is not None:
+                save(whole)
             saved_at = pos.step
-        elif config.checkpoint_every and pos.step % config.checkpoint_every == 0:
-            save()
+        elif out_dir is not None and config.checkpoint_every and pos.step % config.checkpoint_every == 0:
+            save(runtime.whole(model))
             saved_at = pos.step
+        stop = time_up or out_of_steps()
     bar.close()
-    if saved_at != pos.step:
-        save()
-    if out_dir is not None and history:
+    if out_dir is not None and saved_at != pos.step:
+        save(runtime.whole(model))
+    if writes and len(history) != plotted_passes:
         plot_history(history, os.path.join(out_dir, "metrics.png"))
     return history
 
 
-# ------------------------------------------------------------------------------------------------
-# The command
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="acn-train",
-        description="Train an Associative Compression Network (or the VAE baseline) on binarised images, "
-        "then write reconstructions, daydreams, neighbours and metrics. With no arguments: an ACN with "
-        "the MLP decoder on the embedded 5,000 MNIST digits for 3 minutes or 40 passes, whichever ends "
-        "first, into runs/acn-default.",
-    )
-    p.add_argument("--model", choices=["acn", "vae"], default=d.model)
-    p.add_argument("--encoder", choices=["mlp", "conv"], default=d.encoder)
-    p.add_argument("--decoder", choices=["mlp", "conv", "pixelcnn"], default=d.decoder)
-    p.add_argument("--data", default=d.data,
-                   help="'mnist5k' (embedded default), a folder of MNIST IDX files (.gz or raw), or a .pt "
-                   "file with a dict of tensors train_x [, train_y, test_x, test_y] (binarised, 0/1)")
-    p.add_argument("--code-dim", type=int, default=d.code_dim)
-    p.add_argument("--k", type=int, default=d.k, help="neighbours to draw from (K)")
-    p.add_argument("--components", type=int, default=d.components, help="prior mixture components (M)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=float, default=d.minutes,
-                   help="wall-clock training budget of this invocation (0 or less: none)")
-    p.add_argument("--epochs", type=int, default=40,
-                   help="total passes through the data (default 40: the embedded 4,000 training digits "
-                   "overfit beyond about 40 passes; 0 or less: no limit)")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="steps between mid-pass checkpoints (0: pass ends only)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the default model's small matrices gain little from more, "
-                   "and on a busy machine extra threads that compete for cores slow every step many-fold)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<model>-default)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default <out>/checkpoint.pt); the model options are "
-                   "taken from it, the budget options from this command line")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-report", action="store_true", help="skip the image grids after training")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("runs", f"{args.model}-default")
-    resume = None
-    if args.resume is not None:
-        path = os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume
-        resume = load_checkpoint(path)
-        config = TrainConfig(**resume["config"])
-    else:
-        config = TrainConfig(model=args.model, encoder=args.encoder, decoder=args.decoder, data=args.data,
-                             code_dim=args.code_dim, k=args.k, components=args.components,
-                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    config.epochs = args.epochs if args.epochs is not None and args.epochs > 0 else None
-    config.steps = args.steps
-    config.minutes = args.minutes if args.minutes and args.minutes > 0 else None
-    config.checkpoint_every, config.device = args.checkpoint_every, args.device
-    if config.epochs is None and config.steps is None and config.minutes is None:
-        print("acn-train: give a budget (--minutes, --epochs or --steps)", file=sys.stderr)
-        return 2
-
-    data = load(config.data)
-    model = config.build(data.train_x.shape[0], data.image_shape).to(config.device)
-    print(f"acn-train: {config.model} ({config.encoder} encoder, {config.decoder} decoder) on "
-          f"{config.data}: {data.train_x.shape[0]} training / {data.test_x.shape[0]} held-out images "
-          f"-> {out}")
-    history = train(model, data, config, out, resume=resume, progress=not args.no_progress)
-
-    from .evaluate import write_report
-
-    summary = write_report(model, data, out, seed=config.seed, grids=not args.no_report, device=config.device)
-    atomic_write_text(json.dumps({"history": history, "final": summary}, indent=1),
-                      os.path.join(out, "metrics.json"))
-    h = summary["heldout"]
-    print(f"acn-train: held out: {h['test_loss']:.2f} nats/image = KL {h['test_kl']:.2f} + recon "
-          f"{h['test_recon']:.2f}; wrote {', '.join(sorted(os.listdir(out)))}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["PLOT_SECONDS", "Position", "Runtime", "plot_history", "train"]

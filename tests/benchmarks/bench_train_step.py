@@ -31,7 +31,7 @@ from conftest import SMOKE, grid
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 from acn_kernels import ACN, CodeBank, MixturePrior, acn_kl
-from acn_kernels.acn.models import MLPDecoder, MLPEncoder
+from acn_kernels.acn.networks import MLPDecoder, MLPEncoder
 
 # (N, B, D): the smoke point first, then the setting.
 POINTS = grid([(2_000, 32, 16), (60_000, 128, 16)])
