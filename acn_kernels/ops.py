@@ -98,6 +98,7 @@ def masked_topk(
     exclude_mask: torch.Tensor | None = None,
     exclude_index: torch.Tensor | None = None,
     backend: str | None = None,
+    check_index: bool = True,
 ) -> MaskedTopK:
     """The k nearest eligible bank rows of each query, by squared Euclidean distance
     (docs/design.md, "masked_topk").
@@ -109,13 +110,15 @@ def masked_topk(
         exclude_index: optional [B] int64; the one row query b skips, -1 for none. Values outside
             [-1, N) raise (validated here, with one device sync on GPU).
         backend: "cpu", "cuda", "triton", "torch" or None (automatic).
+        check_index: False skips the exclude_index value check (and its device sync) for a
+            caller that built the values in [-1, N) itself, e.g. the code bank.
 
     Returns:
         MaskedTopK(dists [B, k] float32 (float64 for float64 input), indices [B, k] int64),
         ascending by (distance, row), padded with (+inf, -1). dists are differentiable with
         respect to queries and bank.
     """
-    k = check_masked_topk(queries, bank, k, exclude_mask, exclude_index)
+    k = check_masked_topk(queries, bank, k, exclude_mask, exclude_index, values=check_index)
     be = resolve("masked_topk", backend, queries.device, queries.dtype, bank.shape[0])
     if be == "torch":
         return MaskedTopK(*reference.masked_topk(queries, bank, k, exclude_mask, exclude_index))
