@@ -41,10 +41,11 @@ __device__ int64_t count_eligible(const int64_t* list, int64_t c, int64_t limit,
 }
 
 // The want-th (0-based) entry of list[0, c) that passes ok(row), on every lane; the caller
-// guarantees that there are more than `want` of them.
+// guarantees that there are more than `want` of them (count_eligible counted them), and the scan
+// stops at the end of the list in any case.
 template <typename Ok>
 __device__ int64_t nth_eligible(const int64_t* list, int64_t c, int64_t want, Ok ok) {
-  for (int64_t c0 = 0, before = 0;; c0 += kWarp) {
+  for (int64_t c0 = 0, before = 0; c0 < c; c0 += kWarp) {
     const int64_t j = c0 + threadIdx.x;
     const int64_t r = j < c ? list[j] : -1;
     const unsigned ballot = __ballot_sync(kFull, r >= 0 && ok(r));
@@ -52,6 +53,7 @@ __device__ int64_t nth_eligible(const int64_t* list, int64_t c, int64_t want, Ok
     if (before + cnt > want) return __shfl_sync(kFull, r, nth_set_bit(ballot, int(want - before)));
     before += cnt;
   }
+  return -1;
 }
 
 template <typename u_t>
