@@ -364,6 +364,25 @@ def test_capturable_reads_nothing_on_the_host(monkeypatch, no_host_reads):
     assert bank.fallbacks == ref.fallbacks
 
 
+def test_capturable_compiles_whole(monkeypatch):
+    """With its checks on the device (as on a CUDA bank), a capturable bank's neighbours() is one
+    graph for torch.compile(fullgraph=True), and picks what the eager bank picks."""
+    torch._dynamo.reset()
+    bank = defer_checks(monkeypatch, CodeBank(40, 4, k=3, seed=1, capturable=True))
+    ref = CodeBank(40, 4, k=3, seed=1)
+    step = torch.compile(bank.neighbours, fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        idx = torch.randperm(40, generator=gen)
+        for s in range(0, 40, 8):
+            codes = torch.randint(-1, 2, (8, 4), generator=gen).float()
+            got, want = step(idx[s : s + 8], codes), ref.neighbours(idx[s : s + 8], codes)
+            assert torch.equal(got.rows, want.rows) and torch.equal(got.codes, want.codes)
+        bank.new_pass()
+        ref.new_pass()
+    assert torch.equal(bank.codes, ref.codes) and bank.fallbacks == ref.fallbacks
+
+
 def test_capturable_batch_limit():
     bank = CodeBank(20, 2, k=3, max_search_k=6, capturable=True)
     bank.neighbours(torch.arange(4), torch.randn(4, 2))

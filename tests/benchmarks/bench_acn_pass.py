@@ -38,9 +38,21 @@ class Trainer:
         self.x, self.n = x, x.shape[0]
         self.model = build_model(kind, num_codes=self.n, image_shape=tuple(x.shape[1:]))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.in_bank: list[float] = []  # per pass: seconds inside the bank's neighbours()
+        if kind == "acn":
+            bank, neighbours = self.model.bank, self.model.bank.neighbours
+
+            def timed(index: torch.Tensor, codes: torch.Tensor):
+                t0 = time.perf_counter()
+                out = neighbours(index, codes)
+                self.in_bank[-1] += time.perf_counter() - t0
+                return out
+
+            bank.neighbours = timed
 
     def one_pass(self) -> float:
         order = rng.permutation(0, self.model.pass_index, self.n)
+        self.in_bank.append(0.0)
         t0 = time.perf_counter()
         for s in range(0, self.n, BATCH):
             idx = order[s : s + BATCH]
@@ -79,10 +91,12 @@ def test_acn_pass_vs_vae_pass(benchmark):
                                 neighbours_ms=round(1e3 * t_nb, 3), prior_kl_ms=round(1e3 * t_prior, 3),
                                 acn_minus_vae_per_step_ms=round(1e3 * (acn - vae) / steps, 3),
                                 acn_passes_s=[round(t, 4) for t in times["acn"]],
+                                neighbours_per_pass_s=[round(t, 4) for t in trainers["acn"].in_bank],
                                 vae_passes_s=[round(t, 4) for t in times["vae"]])
     print(f"\nACN pass {acn:.3f} s, VAE pass {vae:.3f} s (medians of {PAIRS}): ratio {acn / vae:.3f}; "
           f"per step the ACN adds {1e3 * (acn - vae) / steps:.2f} ms; neighbours {1e3 * t_nb:.2f} ms, "
-          f"prior + KL fwd+bwd {1e3 * t_prior:.2f} ms")
+          f"prior + KL fwd+bwd {1e3 * t_prior:.2f} ms; neighbours per pass (s): "
+          f"{[round(t, 3) for t in trainers['acn'].in_bank]}")
 
 
 def additions(trainer: Trainer) -> list:
