@@ -148,3 +148,46 @@ def check_masked_topk(
     if exclude_index is not None:
         check_exclude_index(exclude_index, b, n, queries.device, values=values)
     return k
+
+
+RESOLVED: int = 0
+"""resolve_neighbours status: the query picked one of its candidates, and took that row."""
+NEEDS_SEARCH: int = 1
+"""resolve_neighbours status: the query lost so many candidates to earlier queries that its full
+list kept fewer than k, or it follows such a query; search again with the earlier picks masked."""
+FALLBACK: int = 2
+"""resolve_neighbours status: no eligible candidate was left (the end-of-pass fallback)."""
+
+
+def _check_rows(t: object, name: str, shape: str, dim: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got {_describe(t)}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_resolve_neighbours(candidates: object, index: object, uniforms: object, k: object,
+                             fallback: object) -> int:
+    """candidates [B, C] int64, index [B] int64, uniforms [B] float32 or float64, k (an integer in
+    [1, MAX_K], see :func:`check_k`), fallback [B, F] int64 or None; one device. No value is
+    checked (nothing is read on the host): every int64 is a valid entry. Returns k as an int."""
+    _check_rows(candidates, "candidates", "[B, C]", 2)
+    b = candidates.shape[0]
+    _check_rows(index, "index", "[B]", 1)
+    if index.shape != (b,):
+        raise ValueError(f"index must have shape [B] = [{b}], got {tuple(index.shape)}")
+    if not isinstance(uniforms, torch.Tensor) or uniforms.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"uniforms must be a float32 or float64 tensor, got {_describe(uniforms)}")
+    if uniforms.shape != (b,):
+        raise ValueError(f"uniforms must have shape [B] = [{b}], got {tuple(uniforms.shape)}")
+    k = check_k(k, MAX_K)
+    for name, t in (("index", index), ("uniforms", uniforms)):
+        if t.device != candidates.device:
+            raise ValueError(f"{name} is on {t.device} but candidates is on {candidates.device}")
+    if fallback is not None:
+        _check_rows(fallback, "fallback", "[B, F]", 2)
+        if fallback.shape[0] != b:
+            raise ValueError(f"fallback must have shape [B, F] with B = {b}, got {tuple(fallback.shape)}")
+        if fallback.device != candidates.device:
+            raise ValueError(f"fallback is on {fallback.device} but candidates is on {candidates.device}")
+    return k

@@ -23,7 +23,7 @@ import torch
 from . import _ext
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
-OPS = ("masked_topk", "mixture")
+OPS = ("masked_topk", "mixture", "resolve_neighbours")
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _ALL_FLOATS = _FLOATS | {torch.float64}
@@ -37,6 +37,8 @@ class Capability:
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
     max_bank_rows: int | None = None
+    ops: frozenset[str] | None = None
+    """The ops it has kernels for (None: every op of OPS)."""
 
 
 CAPABILITIES: dict[str, Capability] = {
@@ -45,11 +47,13 @@ CAPABILITIES: dict[str, Capability] = {
     # Device "cpu" only under TRITON_INTERPRET=1 (checked in not_supported_reasons). The top-K
     # key packs the row into 32 bits, and row 2^32 - 1 is its padding sentinel
     # (acn_kernels/triton/masked_topk.py).
-    "triton": Capability(frozenset({"cuda", "cpu"}), _FLOATS, max_bank_rows=(1 << 32) - 2),
+    # No Triton kernel of the sequential batch walk (resolve_neighbours; docs/design.md).
+    "triton": Capability(frozenset({"cuda", "cpu"}), _FLOATS, max_bank_rows=(1 << 32) - 2,
+                         ops=frozenset({"masked_topk", "mixture"})),
     "torch": Capability(frozenset({"cpu", "cuda"}), _ALL_FLOATS),
 }
 
-GPU_DEFAULT = {"masked_topk": "cuda", "mixture": "cuda"}
+GPU_DEFAULT = {"masked_topk": "cuda", "mixture": "cuda", "resolve_neighbours": "cuda"}
 """The automatic backend per op on GPUs (BENCHMARKS.md: chosen from GPU measurements when there are
 any; until then from the static estimates). The other GPU backend is the second choice."""
 
@@ -85,6 +89,8 @@ def not_supported_reasons(
     """Every reason backend ``name`` cannot run ``op`` on inputs of ``device`` and ``dtype``
     (``bank_rows``: N of masked_topk); empty when it can."""
     cap = CAPABILITIES[name]
+    if cap.ops is not None and op not in cap.ops:
+        return [f"it has no {op} kernel"]
     reasons = []
     built = build_reason(name)
     if built is not None:
@@ -126,12 +132,16 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     """The backend that runs ``op`` on inputs of ``device`` / ``dtype``.
 
     Raises ValueError for an unknown name and RuntimeError, listing every backend with its
-    reasons, for an explicit backend (argument or ``ACN_KERNELS_BACKEND``) that cannot run them.
+    reasons, for an explicit backend (argument or ``ACN_KERNELS_BACKEND``) that cannot run them;
+    a variable naming a backend that has no kernel of ``op`` at all means the automatic choice.
     """
     name, source = backend, "backend"
     if name is None:
         env = os.environ.get("ACN_KERNELS_BACKEND", "").strip().lower()
         name, source = (None if env in ("", "auto") else env), "ACN_KERNELS_BACKEND"
+        cap = CAPABILITIES.get(name)
+        if cap is not None and cap.ops is not None and op not in cap.ops:
+            name = None  # the variable names a backend without this op at all: choose automatically
     if name is None:
         tried = {}
         for cand in _preference(op, device):

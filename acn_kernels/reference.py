@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .checks import FALLBACK, NEEDS_SEARCH, RESOLVED
+
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -285,3 +287,50 @@ def masked_topk(
     exact = torch.where(torch.isinf(exact), fmax, exact)
     dists = torch.where(valid, exact, math.inf)
     return dists, best_i
+
+
+def pick_slot(u: float, n: int) -> int:
+    """floor(u * n) for a uniform u, clamped into [0, n - 1] (NaN gives 0): the pick among n
+    options (csrc/include/resolve_neighbours.h)."""
+    x = u * n
+    if not x >= 1.0:
+        return 0
+    return n - 1 if x >= n else int(x)
+
+
+def resolve_neighbours(
+    candidates: torch.Tensor,
+    index: torch.Tensor,
+    uniforms: torch.Tensor,
+    k: int,
+    fallback: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch-order walk over candidate lists, one query at a time on the host (the resolution
+    loop :class:`~acn_kernels.CodeBank` ran before the fused op), as docs/design.md's
+    "resolve_neighbours" states it.
+
+    candidates [B, C] int64 (negative entries are padding), index [B] int64 (the own rows),
+    uniforms [B] float32/float64, k >= 1, fallback [B, F] int64 or None. Returns (picks, taken,
+    status), each [B] int64 on the candidates' device.
+    """
+    b = candidates.shape[0]
+    cand, own, u = candidates.tolist(), index.tolist(), uniforms.double().tolist()
+    fb = None if fallback is None else fallback.tolist()
+    picks, taken_out, status = [-1] * b, [-1] * b, [NEEDS_SEARCH] * b
+    taken: set[int] = set()
+    for q in range(b):
+        mine = [r for r in cand[q] if r >= 0 and r != own[q] and r not in taken][:k]
+        if len(mine) < k and cand[q] and cand[q][-1] >= 0:
+            break  # a full list that lost too many: this query and every later one search again
+        if mine:
+            picks[q] = taken_out[q] = mine[pick_slot(u[q], len(mine))]
+            taken.add(picks[q])
+            status[q] = RESOLVED
+            continue
+        status[q] = FALLBACK
+        if fb is not None:
+            rest = [r for r in fb[q] if r >= 0 and r != own[q]]
+            if rest:
+                picks[q] = rest[pick_slot(u[q], len(rest))]
+    return tuple(torch.tensor(x, dtype=torch.int64, device=candidates.device)
+                 for x in (picks, taken_out, status))

@@ -1,9 +1,10 @@
 """Fake kernels and autograd formulas of the registered ops, shared by every compiled backend.
 
 The C++ ops (schemas in csrc/ops.cpp: ``acn_kernels::mixture_fwd`` / ``mixture_bwd`` /
-``masked_topk``) are registered here when the extension loads; each Triton module registers its
-own ``acn_kernels::triton_*`` custom ops with the same two functions, so every backend's op has
-the same fake kernel (for torch.compile and opcheck) and the same backward.
+``masked_topk`` / ``resolve_neighbours``) are registered here when the extension loads; each
+Triton module registers its own ``acn_kernels::triton_*`` custom ops with the same two
+functions, so every backend's op has the same fake kernel (for torch.compile and opcheck) and the
+same backward.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, reference
-from .checks import MAX_K
+from .checks import FALLBACK, MAX_K, NEEDS_SEARCH, RESOLVED
 
 
 def register_mixture(fwd_name: str, bwd_name: str) -> None:
@@ -100,7 +101,19 @@ def register_masked_topk(name: str) -> None:
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
+def register_resolve_neighbours(name: str) -> None:
+    """Fake kernel of a resolve_neighbours op with the csrc/ops.cpp schema (integer outputs: no
+    autograd)."""
+
+    @torch.library.register_fake(name)
+    def _fake(candidates, index, uniforms, k, fallback):
+        return tuple(candidates.new_empty(candidates.shape[:1]) for _ in range(3))
+
+
 if _ext.C is not None:
     assert int(_ext.C.MAX_K) == MAX_K, "csrc/utils.h kMaxK and acn_kernels.MAX_K disagree"
+    assert tuple(_ext.C.RESOLVE_STATUS) == (RESOLVED, NEEDS_SEARCH, FALLBACK), \
+        "csrc/include/resolve_neighbours.h status codes and acn_kernels.checks disagree"
     register_mixture("acn_kernels::mixture_fwd", "acn_kernels::mixture_bwd")
     register_masked_topk("acn_kernels::masked_topk")
+    register_resolve_neighbours("acn_kernels::resolve_neighbours")

@@ -74,4 +74,37 @@ void check_masked_topk_args(const at::Tensor& queries, const at::Tensor& bank, i
   }
 }
 
+static void check_rows_tensor(const at::Tensor& t, const char* name, int64_t dim,
+                              const char* shape) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_resolve_neighbours_args(const at::Tensor& candidates, const at::Tensor& index,
+                                   const at::Tensor& uniforms, int64_t k,
+                                   const c10::optional<at::Tensor>& fallback) {
+  check_rows_tensor(candidates, "candidates", 2, "[B, C]");
+  const int64_t B = candidates.size(0);
+  check_rows_tensor(index, "index", 1, "[B]");
+  TORCH_CHECK(index.size(0) == B, "index must have shape [B] = [", B, "], got ", index.sizes());
+  TORCH_CHECK(uniforms.scalar_type() == at::kFloat || uniforms.scalar_type() == at::kDouble,
+              "uniforms must be float32 or float64, got ", uniforms.scalar_type());
+  TORCH_CHECK(uniforms.dim() == 1 && uniforms.size(0) == B, "uniforms must have shape [B] = [", B,
+              "], got ", uniforms.sizes());
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(k <= kMaxK, "k=", k, " is above acn_kernels.MAX_K=", kMaxK);
+  const std::pair<const at::Tensor*, const char*> others[] = {{&index, "index"},
+                                                              {&uniforms, "uniforms"}};
+  for (const auto& [t, name] : others)
+    TORCH_CHECK(t->device() == candidates.device(), name, " is on ", t->device(),
+                " but candidates is on ", candidates.device());
+  if (fallback.has_value()) {
+    check_rows_tensor(*fallback, "fallback", 2, "[B, F]");
+    TORCH_CHECK(fallback->size(0) == B, "fallback must have shape [B, F] with B = ", B, ", got ",
+                fallback->sizes());
+    TORCH_CHECK(fallback->device() == candidates.device(), "fallback is on ", fallback->device(),
+                " but candidates is on ", candidates.device());
+  }
+}
+
 }  // namespace acn

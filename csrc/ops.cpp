@@ -4,6 +4,7 @@
 // arguments (acn_kernels/checks.py) and registers fake kernels and autograd
 // (acn_kernels/registration.py).
 #include "utils.h"
+#include "resolve_neighbours.h"
 
 #include <ATen/Parallel.h>
 
@@ -28,6 +29,11 @@ TORCH_LIBRARY(acn_kernels, m) {
   m.def(
       "masked_topk(Tensor queries, Tensor bank, int k, Tensor? exclude_mask, "
       "Tensor? exclude_index) -> (Tensor, Tensor)");
+  // Batch-order neighbour resolution over masked_topk's candidate lists: (picks [B], taken [B],
+  // status [B]), all int64; see docs/design.md, "resolve_neighbours".
+  m.def(
+      "resolve_neighbours(Tensor candidates, Tensor index, Tensor uniforms, int k, "
+      "Tensor? fallback) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace acn {
@@ -80,4 +86,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads_seen", &parallel_threads_seen);
   m.def("set_poison_outputs", [](bool on) { acn::poison_outputs_flag() = on; });
   m.attr("MAX_K") = acn::kMaxK;
+  m.attr("RESOLVE_STATUS") = pybind11::make_tuple(acn::kResolved, acn::kNeedsSearch, acn::kFallback);
 }

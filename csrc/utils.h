@@ -32,6 +32,12 @@ void check_masked_topk_args(const at::Tensor& queries, const at::Tensor& bank, i
                      const c10::optional<at::Tensor>& exclude_mask,
                      const c10::optional<at::Tensor>& exclude_index);
 
+// candidates [B, C] int64, index [B] int64, uniforms [B] float32/float64, 1 <= k <= kMaxK,
+// fallback [B, F] int64 or none; one device.
+void check_resolve_neighbours_args(const at::Tensor& candidates, const at::Tensor& index,
+                                   const at::Tensor& uniforms, int64_t k,
+                                   const c10::optional<at::Tensor>& fallback);
+
 // The largest k any backend accepts (acn_kernels.MAX_K).
 constexpr int64_t kMaxK = 1024;
 

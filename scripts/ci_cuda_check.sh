@@ -139,10 +139,11 @@ import acn_kernels._C as C
 
 assert "site-packages" in C.__file__, C.__file__
 assert C.built_with_cuda(), "_C was built without ACN_WITH_CUDA"
-for op in ("mixture_fwd", "mixture_bwd", "masked_topk"):
+for op in ("mixture_fwd", "mixture_bwd", "masked_topk", "resolve_neighbours"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"acn_kernels::{op}", key), (op, key)
-print("ok   import acn_kernels._C; CPU and CUDA kernels registered for mixture_fwd, mixture_bwd, masked_topk")
+print("ok   import acn_kernels._C; CPU and CUDA kernels registered for mixture_fwd, mixture_bwd, masked_topk, "
+      "resolve_neighbours")
 EOF
 )
 echo "== ci_cuda_check: done in $((SECONDS - t_start)) s"

@@ -72,6 +72,8 @@ def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, he
     calls = []
     search = a._candidates
     monkeypatch.setattr(a, "_candidates", lambda q, kk, m, i: calls.append(q.shape[0]) or search(q, kk, m, i))
+    chunk = max_search_k - k + 1
+    extra = 0  # masked_topk calls beyond one per chunk
     for _ in range(2):
         start = a.fallbacks
         order = torch.randperm(n, generator=gen).to(device)
@@ -79,7 +81,12 @@ def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, he
             idx = order[s : s + batch]
             # Low-resolution codes: many exact distance ties, resolved by row index.
             codes = torch.randint(-2, 3, (idx.numel(), d), generator=gen).float().to(device)
+            before, chunks = len(calls), -(-idx.numel() // chunk)
             got = a.neighbours(idx, codes)
+            # At most one more search per chunk (the queries searched again, together), plus
+            # one for the batch's fallbacks.
+            assert chunks <= len(calls) - before <= 2 * chunks + 1
+            extra += len(calls) - before - chunks
             want = reference_neighbours(b, idx, codes)
             assert torch.equal(got.rows, want.rows)
             assert torch.equal(got.codes, want.codes)
@@ -89,8 +96,8 @@ def test_neighbours_matches_one_query_reference(n, d, k, batch, max_search_k, he
         a.new_pass()
         b.new_pass()
     assert a.pass_index == 2
-    if headroom == 0:
-        assert calls.count(1) > 10  # the repeated single-query searches were exercised
+    if headroom in (0, 1):
+        assert extra > a.fallbacks  # the searches again were exercised
     if headroom == MAX_K and max_search_k == MAX_K:
         assert len(calls) == 2 * -(-n // batch) + a.fallbacks  # one search per batch (+ fallbacks)
 
@@ -357,3 +364,262 @@ def test_index_errors_say_what_is_wrong(index, err, match):
         bank.update(index, torch.zeros(2, 3))
     with pytest.raises(TypeError, match=r"codes must be a torch.Tensor, got numpy.ndarray"):
         bank.neighbours(torch.tensor([0, 1]), __import__("numpy").zeros((2, 3), dtype="float32"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12: the fused batch walk, the capturable mode and the device-side checks
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Within the test, every Python-level read of a tensor's values on the host raises (a CPU
+    stand-in for torch.cuda.set_sync_debug_mode("error"), which only a GPU run can use)."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    def install():
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy", "cpu", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, read)
+
+    return install
+
+
+def defer_checks(monkeypatch, bank: CodeBank) -> CodeBank:
+    """Make a CPU bank check values as a CUDA bank does (on the device, deferred)."""
+    monkeypatch.setattr(bank, "_defers_checks", lambda: True)
+    return bank
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("n", "d", "k", "batch"), [
+    (37, 3, 5, 8),    # ends with the fallback
+    (40, 2, 4, 16),   # much competition within a batch
+    (11, 2, 4, 5),    # tiny bank: candidates capped by N
+    (23, 2, 1, 6),    # K = 1
+])
+def test_capturable_matches_one_query_reference(n, d, k, batch, device, monkeypatch):
+    """A capturable bank (one search of K + B - 1, the fallback lists of every query, the fused
+    walk; exactly two masked_topk calls per batch) picks what the one-query reference picks."""
+    gen = torch.Generator().manual_seed(n + batch)
+    a, b = twin_banks(n, d, k, seed=4, device=device, capturable=True)
+    calls = []
+    search = a._candidates
+    monkeypatch.setattr(a, "_candidates", lambda q, kk, m, i: calls.append(kk) or search(q, kk, m, i))
+    for _ in range(2):
+        order = torch.randperm(n, generator=gen).to(device)
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            codes = torch.randint(-2, 3, (idx.numel(), d), generator=gen).float().to(device)
+            calls.clear()
+            got = a.neighbours(idx, codes)
+            assert calls == [min(k + idx.numel() - 1, n), min(k, n - 1)]
+            want = reference_neighbours(b, idx, codes)
+            assert torch.equal(got.rows, want.rows) and torch.equal(got.codes, want.codes)
+            assert_same_state(snapshot(a), snapshot(b))
+        a.new_pass()
+        b.new_pass()
+    assert a.fallbacks == b.fallbacks
+
+
+def test_capturable_end_of_pass_fallback():
+    bank = CodeBank(3, 2, k=2, seed=0, capturable=True)
+    bank.used[:] = torch.tensor([True, True, False])
+    res = bank.neighbours(torch.tensor([2]), torch.zeros(1, 2))  # rows 0 and 1 used, 2 its own
+    assert bank.fallbacks == 1 and int(res.rows[0]) in (0, 1)
+    assert bank.used.tolist() == [True, True, False]  # a fallback pick takes nothing
+    res = bank.neighbours(torch.tensor([0, 1]), torch.zeros(2, 2))  # 0 takes row 2; 1 falls back
+    assert bank.fallbacks == 2 and int(res.rows[0]) == 2 and int(res.rows[1]) in (0, 2)
+
+
+def test_capturable_reads_nothing_on_the_host(monkeypatch, no_host_reads):
+    bank = defer_checks(monkeypatch, CodeBank(50, 4, k=3, seed=2, capturable=True))
+    idx = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    codes = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    ref = CodeBank(50, 4, k=3, seed=2)
+    want = [ref.neighbours(idx[s : s + 10], codes[s : s + 10]).rows for s in range(0, 50, 10)]
+    no_host_reads()
+    got = [bank.neighbours(idx[s : s + 10], codes[s : s + 10]).rows for s in range(0, 50, 10)]
+    monkeypatch.undo()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert bank.fallbacks == ref.fallbacks
+
+
+def test_capturable_compiles_whole(monkeypatch):
+    """With its checks on the device (as on a CUDA bank), a capturable bank's neighbours() is one
+    graph for torch.compile(fullgraph=True), and picks what the eager bank picks."""
+    torch._dynamo.reset()
+    bank = defer_checks(monkeypatch, CodeBank(40, 4, k=3, seed=1, capturable=True))
+    ref = CodeBank(40, 4, k=3, seed=1)
+    step = torch.compile(bank.neighbours, fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        idx = torch.randperm(40, generator=gen)
+        for s in range(0, 40, 8):
+            codes = torch.randint(-1, 2, (8, 4), generator=gen).float()
+            got, want = step(idx[s : s + 8], codes), ref.neighbours(idx[s : s + 8], codes)
+            assert torch.equal(got.rows, want.rows) and torch.equal(got.codes, want.codes)
+        bank.new_pass()
+        ref.new_pass()
+    assert torch.equal(bank.codes, ref.codes) and bank.fallbacks == ref.fallbacks
+
+
+def test_capturable_batch_limit():
+    bank = CodeBank(20, 2, k=3, max_search_k=6, capturable=True)
+    bank.neighbours(torch.arange(4), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"at most max_search_k - k \+ 1 = 4 queries per call, got 5"):
+        bank.neighbours(torch.arange(4, 9), torch.randn(5, 2))
+
+
+def test_collapsed_codes_cost_one_more_search(monkeypatch):
+    """Every fresh code equal (an untrained encoder): most queries lose their whole list, yet the
+    batch costs two masked_topk calls, and the picks are the reference's."""
+    a, b = twin_banks(200, 3, 5, seed=1, device="cpu", headroom=0)
+    calls = []
+    search = a._candidates
+    monkeypatch.setattr(a, "_candidates", lambda q, kk, m, i: calls.append((q.shape[0], kk)) or search(q, kk, m, i))
+    idx = torch.randperm(200, generator=torch.Generator().manual_seed(2))[:64]
+    codes = torch.full((64, 3), 0.5)
+    got = a.neighbours(idx, codes)
+    assert torch.equal(got.rows, reference_neighbours(b, idx, codes).rows)
+    assert len(calls) == 2 and calls[0] == (64, 5) and calls[1][1] == 5 + calls[1][0] - 1
+
+
+BAD_VALUES = [
+    (torch.tensor([0, 10]), torch.zeros(2, 3), r"index values must lie in \[0, num_codes=10\), got min 0, max 10"),
+    (torch.tensor([-1, 2]), torch.zeros(2, 3), r"got min -1, max 2"),
+    (torch.tensor([3, 5, 3]), torch.zeros(3, 3), "duplicate"),
+    (torch.tensor([0, 1]), torch.tensor([[0.0, 1, 2], [float("nan"), 0, 0]]), "finite"),
+]
+
+
+def bank_state(bank: CodeBank) -> tuple:
+    return bank.codes.clone(), bank.used.clone(), int(bank._fallback_count), bank.pass_index
+
+
+def same_state(a: tuple, b: tuple) -> bool:
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(("index", "codes", "match"), BAD_VALUES)
+def test_device_checks_raise_in_the_call(index, codes, match, monkeypatch):
+    """A CUDA bank (here a CPU bank checking as one does) finds bad values on the device and
+    raises with its first host read, in the same call, with the CPU's message."""
+    bank = defer_checks(monkeypatch, CodeBank(10, 3))
+    bank.used[4] = True
+    before = bank_state(bank)
+    with pytest.raises(ValueError, match=match):
+        bank.neighbours(index, codes)
+    assert same_state(before, bank_state(bank))
+
+
+@pytest.mark.parametrize(("index", "codes", "match"), BAD_VALUES)
+def test_capturable_device_checks_raise_later(index, codes, match, monkeypatch):
+    """A capturable CUDA bank never reads the device: a bad batch changes nothing and its error
+    is raised, once, where the bank is next read on the host."""
+    bank = defer_checks(monkeypatch, CodeBank(10, 3, capturable=True))
+    bank.used[4] = True
+    before = bank_state(bank)
+    bank.neighbours(index, codes)  # no error yet
+    assert same_state(before, bank_state(bank))
+    bank.neighbours(torch.tensor([0, 1]), torch.zeros(2, 3) + float("inf"))  # a second error is not kept
+    with pytest.raises(ValueError, match=match):
+        bank.raise_deferred_errors()
+    bank.raise_deferred_errors()  # raised once
+    for read in (lambda: bank.new_pass(), lambda: bank.fallbacks, lambda: bank.state_dict()):
+        bank.neighbours(index, codes)
+        with pytest.raises(ValueError, match=match):
+            read()
+    assert bank.pass_index == 0
+    # The bad batches took nothing: a good one after them picks what a fresh bank picks.
+    fresh = CodeBank(10, 3)
+    fresh.used[4] = True
+    idx, good = torch.tensor([7, 2, 9]), torch.randn(3, 3)
+    assert torch.equal(bank.neighbours(idx, good).rows, fresh.neighbours(idx, good).rows)
+
+
+def test_triton_bank_walks_on_the_automatic_backend():
+    bank = CodeBank(30, 3, backend="triton")
+    assert bank._walk_backend is None
+    assert CodeBank(30, 3, backend="torch")._walk_backend == "torch"
+
+
+def test_walk_backends_agree():
+    """The bank's result does not depend on the walk's backend (the "torch" reference loop)."""
+    a, b = CodeBank(40, 3, seed=6), CodeBank(40, 3, seed=6, backend="torch")
+    idx = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    for s in range(0, 40, 12):
+        codes = torch.randint(-1, 2, (min(12, 40 - s), 3)).float()
+        assert torch.equal(a.neighbours(idx[s : s + 12], codes).rows, b.neighbours(idx[s : s + 12], codes).rows)
+
+
+requires_cuda_backend = pytest.mark.skipif(
+    not (torch.cuda.is_available() and __import__("acn_kernels").backends()["cuda"]),
+    reason="needs a GPU and _C built with CUDA")
+
+
+def _acn_step_parts(batch: int):
+    from acn_kernels.acn.models import build_model
+
+    n = 6 * batch  # a pass of six batches
+    torch.manual_seed(0)
+    model = build_model("acn", num_codes=n, image_shape=(1, 28, 28)).cuda()
+    model.bank = CodeBank(n, model.bank.code_dim, model.bank.k, seed=0, device="cuda", capturable=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    x = (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.8).float().cuda()
+    order = rng.permutation(0, 0, n, "cuda")
+
+    def step(idx):
+        terms = model(x[idx], idx)
+        opt.zero_grad(set_to_none=False)
+        terms.loss.mean().backward()
+        opt.step()
+        return terms.loss.detach(), terms.rows
+
+    return model, order, step
+
+
+@requires_cuda_backend
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [128, 1000])
+def test_gpu_step_without_host_synchronisation(batch):
+    """A whole ACN training step (encode, bank write, search, walk, prior, KL, decoder, backward,
+    Adam) on a capturable bank never synchronises with the host."""
+    model, order, step = _acn_step_parts(batch)
+    step(order[:batch])  # warm-up: lazy initialisation (cuBLAS handles, Adam state) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s in range(batch, 3 * batch, batch):
+            step(order[s : s + batch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    model.bank.raise_deferred_errors()
+    assert int(model.bank.used.sum()) == 3 * batch - model.bank.fallbacks
+
+
+@requires_cuda_backend
+@pytest.mark.cuda
+def test_gpu_step_in_a_cuda_graph():
+    """The same step captured once in a CUDA graph and replayed over a pass's batches gives the
+    eager step's picks (the graph bakes the pass index in: capture again after new_pass)."""
+    batch = 128
+    eager_model, order, eager_step = _acn_step_parts(batch)
+    model, _, step = _acn_step_parts(batch)
+    static_idx = order[:batch].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
+        step(static_idx)
+    torch.cuda.current_stream().wait_stream(side)
+    eager_step(static_idx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, static_rows = step(static_idx)
+    for s in range(batch, 5 * batch, batch):
+        static_idx.copy_(order[s : s + batch])
+        graph.replay()
+        _, want = eager_step(order[s : s + batch])
+        assert torch.equal(static_rows, want)
+    assert torch.equal(model.bank.used, eager_model.bank.used)
+    torch.testing.assert_close(model.bank.codes, eager_model.bank.codes)

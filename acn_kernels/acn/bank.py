@@ -2,7 +2,8 @@
 
 :class:`CodeBank` implements steps 1-5 of the batch in docs/design.md ("The model"): write the
 batch's fresh codes, then resolve one neighbour per query in batch order, with counter-based
-picks, the end-of-pass fallback and chunking beyond ``MAX_K``. Its sharded form,
+picks, the end-of-pass fallback and chunking beyond ``MAX_K``: a masked_topk search per chunk and
+the fused walk over its lists (:func:`~acn_kernels.ops.resolve_neighbours`). Its sharded form,
 :class:`~acn_kernels.acn.distributed.DistributedCodeBank`, shares this construction and this
 write, resolve and rollback; it overrides only the hooks that gather a batch over the ranks and
 search every shard.
@@ -13,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_exclude_index, check_int, check_k
-from ..ops import MAX_K, MaskedTopK, masked_topk
+from ..checks import FALLBACK, NEEDS_SEARCH, check_exclude_index, check_int, check_k
+from ..ops import MAX_K, MaskedTopK, ResolvedNeighbours, masked_topk, resolve_neighbours
 from . import rng
+
+# Bits of a deferred argument error (CodeBank.raise_deferred_errors), in the order the
+# immediate checks raise them.
+_NONFINITE, _RANGE, _DUPLICATE = 1, 2, 4
 
 
 def initial_codes(seed: int, rows: torch.Tensor, code_dim: int) -> torch.Tensor:
@@ -60,15 +64,23 @@ class CodeBank(nn.Module):
             be exact, so batches are resolved in chunks of ``max_search_k - k + 1`` queries.
         headroom: extra candidates searched per query beyond K (None, the default, means K; at
             least G - 1, e.g. ``MAX_K``, gives the worst-case width that never searches twice,
-            K + G - 1). A query that loses more than ``headroom``
-            of its candidates to earlier queries of its chunk is searched again on its own with
-            those picks masked, so the result is the same whatever the headroom; a small one
-            saves search work, because such losses are rare in a large bank.
-        backend: passed to :func:`~acn_kernels.masked_topk` (None = automatic dispatch).
+            K + G - 1). When a query loses more than ``headroom`` of its candidates to earlier
+            queries of its chunk, it and the T - 1 later queries of the chunk are searched again
+            in one more masked_topk call (K + T - 1 candidates, the chunk's earlier picks masked),
+            so the result is the same whatever the headroom; a small one saves search work,
+            because such losses are rare in a large bank.
+        backend: passed to :func:`~acn_kernels.masked_topk` and
+            :func:`~acn_kernels.ops.resolve_neighbours` (None = automatic dispatch; the walk has no
+            Triton kernel and uses the automatic choice under "triton").
         device: where the buffers are allocated (default the CPU; ``.to()`` moves them later).
         shard: (start, end): this object stores only rows [start, end) of the bank, for a subclass
             whose searches span every shard (the DistributedCodeBank); None, the default, is the
             whole bank.
+        capturable: fixed work per batch, for CUDA graphs and ``torch.compile``: one masked_topk
+            call with K + B - 1 candidates (headroom B - 1, so no query is ever searched again)
+            and one more for every query's end-of-pass fallback list, for batches of at most
+            ``max_search_k - k + 1`` queries (one chunk). On a CUDA bank it then runs without a
+            single host synchronisation (see "Checks" below).
 
     Buffers (moved by ``.to()``, saved by ``state_dict``): ``codes`` [end - start, D] float32, row
     i initialised by :func:`initial_codes` (N(0, 1), counter-based from ``seed``); ``used`` [N]
@@ -81,10 +93,20 @@ class CodeBank(nn.Module):
     uniform of (seed, pass, index[b]). If n_b = 0 (only possible at the very end of a pass) the used
     mask is ignored for that query, its own row still excluded, and :attr:`fallbacks` counts it.
     Within a pass the neighbour map is then (barring a fallback) injective without fixed points.
+
+    Checks: bad arguments raise ValueError/TypeError naming them, and a call that raises leaves
+    the bank as it was. On a CPU bank every check is immediate. A CUDA bank checks the values
+    (index range, duplicates, finite codes) on the device, without a host read: a bad call then
+    writes nothing and takes nothing, and its error is raised with the same message by
+    :meth:`raise_deferred_errors` at the next point that reads the bank's state on the host: at
+    once by the same call unless it is ``capturable`` (it reads a count per chunk anyway),
+    otherwise by the next :meth:`new_pass`, :attr:`fallbacks` or ``state_dict``.
     """
 
     codes: torch.Tensor
     used: torch.Tensor
+    _fallback_count: torch.Tensor
+    _deferred: torch.Tensor
 
     def __init__(
         self,
@@ -98,6 +120,7 @@ class CodeBank(nn.Module):
         backend: str | None = None,
         device: torch.device | str = "cpu",
         shard: tuple[int, int] | None = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__()
         num_codes, code_dim = check_int(num_codes, "num_codes"), check_int(code_dim, "code_dim")
@@ -127,14 +150,29 @@ class CodeBank(nn.Module):
         self.headroom = self.k if headroom is None else headroom
         self.backend = backend
         self.start, self.end = start, end
+        self.capturable = bool(capturable)
         self.pass_index = 0
-        self.fallbacks = 0
         rows = torch.arange(self.start, self.end, device=device)
         self.register_buffer("codes", initial_codes(self.seed, rows, self.code_dim))
         self.register_buffer("used", torch.zeros(num_codes, dtype=torch.bool, device=device))
+        # Counted on the device, so that a batch never waits for the host (read by `fallbacks`).
+        self.register_buffer("_fallback_count", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+        # The first deferred argument error: (bits, index min, index max); zeros when none.
+        self.register_buffer("_deferred", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)
 
     # ---------------------------------------------------------------------------------------
     # State
+
+    @property
+    def fallbacks(self) -> int:
+        """How many queries took the end-of-pass fallback since construction (one host read)."""
+        self.raise_deferred_errors()
+        return int(self._fallback_count)
+
+    @fallbacks.setter
+    def fallbacks(self, value: int) -> None:
+        self._fallback_count.fill_(int(value))
 
     def get_extra_state(self) -> dict[str, int]:
         return {"pass_index": self.pass_index, "fallbacks": self.fallbacks, "k": self.k, "seed": self.seed}
@@ -153,13 +191,15 @@ class CodeBank(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def new_pass(self) -> None:
-        """Start the next pass through the data: clear the used mask, advance the pass index."""
+        """Start the next pass through the data: clear the used mask, advance the pass index
+        (after raising any deferred argument error)."""
+        self.raise_deferred_errors()
         self.used.zero_()
         self.pass_index += 1
 
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, k={self.k}, seed={self.seed}, "
-                f"pass_index={self.pass_index}, backend={self.backend!r}")
+                f"pass_index={self.pass_index}, backend={self.backend!r}, capturable={self.capturable}")
 
     @torch.no_grad()
     def full_codes(self) -> torch.Tensor | None:
@@ -169,7 +209,9 @@ class CodeBank(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Argument checks
 
-    def _check(self, index: torch.Tensor, codes: torch.Tensor | None) -> None:
+    def _check(self, index: torch.Tensor, codes: torch.Tensor | None, *, finite: bool, values: bool = True) -> None:
+        """The arguments' types, shapes and devices; with ``values`` also the index values (one
+        host read on GPU), and with ``finite`` that the codes are finite as stored (another)."""
         if not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be a torch.Tensor, got {_type_name(index)}; use torch.as_tensor(index)")
         if index.dtype != torch.int64:
@@ -191,13 +233,14 @@ class CodeBank(nn.Module):
                 raise ValueError(f"codes has {codes.shape[0]} rows but index has {index.shape[0]}")
             if codes.device != self.codes.device:
                 raise ValueError(f"codes is on {codes.device} but the bank is on {self.codes.device}")
-            # Checked as stored: a float64 code beyond float32's range becomes inf in the bank.
-            bad = ~torch.isfinite(codes.detach().to(self.codes.dtype)).all(1)
-            if bool(bad.any()):
-                raise ValueError(f"codes must be finite in the bank's dtype {self.codes.dtype}: row "
-                                 f"{int(bad.nonzero()[0])} holds NaN or inf (a bank never stores a non-finite code)")
-        if index.numel():
-            # One host sync on GPU (as masked_topk's own index check).
+            if finite:
+                # Checked as stored: a float64 code beyond float32's range becomes inf in the bank.
+                bad = ~torch.isfinite(codes.detach().to(self.codes.dtype)).all(1)
+                if bool(bad.any()):
+                    raise ValueError(f"codes must be finite in the bank's dtype {self.codes.dtype}: row "
+                                     f"{int(bad.nonzero()[0])} holds NaN or inf (a bank never stores a non-finite "
+                                     "code)")
+        if values and index.numel():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.num_codes:
                 raise ValueError(
@@ -215,6 +258,39 @@ class CodeBank(nn.Module):
         check_k(k, self.num_codes)
         if exclude_index is not None:
             check_exclude_index(exclude_index, codes.shape[0], self.num_codes, codes.device)
+
+    def _defers_checks(self) -> bool:
+        """Whether :meth:`neighbours` checks the values on the device (a CUDA bank) rather than at
+        once; a sharded bank overrides it, because its ranks agree on errors before they search."""
+        return self.codes.is_cuda
+
+    def _device_checks(self, index: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """int64 [3] on the device, no host read: (error bits, index min, index max) of a batch."""
+        if index.numel() == 0:
+            return torch.zeros(3, dtype=torch.int64, device=index.device)
+        lo, hi = torch.aminmax(index)
+        s = torch.sort(index).values
+        bits = (~torch.isfinite(codes).all()).long() * _NONFINITE \
+            + ((lo < 0) | (hi >= self.num_codes)).long() * _RANGE + (s[1:] == s[:-1]).any().long() * _DUPLICATE
+        return torch.stack([bits, lo, hi])
+
+    def _value_error(self, bits: int, lo: int, hi: int) -> ValueError:
+        """The immediate checks' error for the error bits of :meth:`_device_checks`."""
+        if bits & _NONFINITE:
+            return ValueError("codes must be finite (a NaN or inf code has no neighbours)")
+        if bits & _RANGE:
+            return ValueError(f"index values must lie in [0, num_codes={self.num_codes}), got min {lo}, max {hi}")
+        return ValueError("index holds duplicate rows; each example may appear once per batch")
+
+    def raise_deferred_errors(self) -> None:
+        """Raise (once) the first argument error that a capturable CUDA bank's :meth:`neighbours`
+        found on the device since the last call; one host read. Called by :meth:`new_pass`,
+        :attr:`fallbacks` and ``state_dict``; a training loop may call it wherever it reads the
+        device anyway (its logging)."""
+        bits, lo, hi = self._deferred.tolist()
+        if bits:
+            self._deferred.zero_()
+            raise self._value_error(bits, lo, hi)
 
     @staticmethod
     def _error(check: Callable[[], None]) -> Exception | None:
@@ -250,8 +326,10 @@ class CodeBank(nn.Module):
         self, queries: torch.Tensor, k: int, exclude_mask: torch.Tensor | None, exclude_index: torch.Tensor | None
     ) -> MaskedTopK:
         """The k nearest eligible rows of the whole bank (global rows), (distance, row) order."""
+        # exclude_index is valid here: checked by search(), or the batch's own rows (checked, or
+        # clamped into range on a bank that defers its checks).
         return masked_topk(queries, self.codes, k, exclude_mask=exclude_mask, exclude_index=exclude_index,
-                           backend=self.backend)
+                           backend=self.backend, check_index=False)
 
     def _codes_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The stored codes [G, D] of global rows [G] (all stored here)."""
@@ -281,7 +359,7 @@ class CodeBank(nn.Module):
         The same checks as :meth:`neighbours`: a code that is NaN or inf once cast to the bank's
         dtype (a float64 value beyond float32's range included) raises ValueError, and nothing
         is written."""
-        error = self._error(lambda: self._check(index, codes))
+        error = self._error(lambda: self._check(index, codes, finite=True))
         g_index, g_codes, _ = self._global_batch(error, index, codes)
         self._write(g_index, g_codes)
 
@@ -305,26 +383,44 @@ class CodeBank(nn.Module):
         """Write the batch's fresh codes, then pick one neighbour per query in batch order.
 
         Args:
-            index: [B] int64, distinct rows in [0, N): the batch's examples.
+            index: [B] int64, distinct rows in [0, N): the batch's examples (at most
+                ``max_search_k - k + 1`` of them on a capturable bank).
             codes: [B, D] floating point: their fresh codes (written detached, as float32), finite
                 once cast to float32 (else ValueError).
 
         Returns:
             :class:`Neighbours` (codes [B, D] float32, rows [B] int64). The picked rows are marked
-            used. A call that raises leaves the bank as it was. Every other row being non-finite
-            (only possible if ``codes`` was written directly: the bank's own writes refuse NaN and
-            inf) leaves a query without a candidate: RuntimeError.
+            used. A call that raises leaves the bank as it was (on a CUDA bank a bad call may
+            raise later, see "Checks" in the class documentation, and changes nothing either).
+            Every other row being non-finite (only possible if ``codes`` was written directly: the
+            bank's own writes refuse NaN and inf) leaves a query without a candidate: RuntimeError.
         """
-        error = self._error(lambda: self._check(index, codes))
-        g_index, g_codes, mine = self._global_batch(error, index, codes)
+        defer = self._defers_checks()
+
+        def check() -> None:
+            self._check(index, codes, finite=not defer, values=not defer)
+            if self.capturable and index.shape[0] > self.max_search_k - self.k + 1:
+                raise ValueError(f"a capturable bank resolves at most max_search_k - k + 1 = "
+                                 f"{self.max_search_k - self.k + 1} queries per call, got {index.shape[0]}")
+
+        g_index, g_codes, mine = self._global_batch(self._error(check), index, codes)
+        err = None
+        if defer:
+            err = self._device_checks(g_index, g_codes)
+            # A bad batch must not index out of range nor change the bank: its rows are clamped
+            # into range and rewritten with what they hold.
+            g_index = g_index.clamp(0, self.num_codes - 1)
+            g_codes = torch.where(err[0] != 0, self._codes_of(g_index), g_codes)
         old = self._write(g_index, g_codes)
         try:
-            rows, used, fallbacks = self._resolve(g_index, g_codes)
+            rows, used, fallbacks = self._resolve(g_index, g_codes, err)
         except BaseException:
             self._write(g_index, old)
             raise
         self.used.copy_(used)
-        self.fallbacks += fallbacks
+        self._fallback_count += fallbacks
+        if err is not None and self.capturable:
+            self._deferred.copy_(torch.where(self._deferred[0] != 0, self._deferred, err))
         return Neighbours(self._codes_of(rows)[mine], rows[mine])
 
     # ---------------------------------------------------------------------------------------
@@ -336,51 +432,91 @@ class CodeBank(nn.Module):
         """Row indices [G, k] of the k nearest eligible rows, (distance, row) order, -1 padded."""
         return self._search(queries, k, exclude_mask, exclude_index).indices
 
-    def _resolve(self, index: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    @property
+    def _walk_backend(self) -> str | None:
+        # There is no Triton kernel of the walk: a Triton bank walks on the automatic choice.
+        return None if self.backend == "triton" else self.backend
+
+    def _walk(self, queries: torch.Tensor, index: torch.Tensor, u: torch.Tensor, headroom: int,
+              used: torch.Tensor) -> ResolvedNeighbours:
+        """The K + headroom candidates of each query (``used`` masked, own rows excluded), walked
+        in batch order."""
+        cand = self._candidates(queries, min(self.k + headroom, self.num_codes), used, index)
+        return resolve_neighbours(cand, index, u, self.k, backend=self._walk_backend)
+
+    def _resolve(
+        self, index: torch.Tensor, queries: torch.Tensor, err: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
         """The picks [B] for queries ``index`` with codes ``queries`` [B, D] (already written), the
-        new used mask, and the number of fallbacks; nothing in the bank is modified. A sharded
-        bank runs it identically on every rank over the global batch."""
+        new used mask, and the number of fallbacks (an int, or a device scalar on a capturable
+        bank); nothing in the bank is modified. ``err``: the batch's :meth:`_device_checks` on a
+        bank that defers them; a capturable bank then takes nothing for a bad batch, any other
+        raises the error with the first count it reads. A sharded bank runs this identically on
+        every rank over the global batch."""
         b, n, k = index.shape[0], self.num_codes, self.k
         used = self.used.clone()
-        u = rng.uniform(self.seed, rng.NEIGHBOUR, self.pass_index, index).cpu().numpy()
-        rows = np.full(b, -1, dtype=np.int64)
+        if b == 0:
+            return index.clone(), used, 0
+        u = rng.uniform(self.seed, rng.NEIGHBOUR, self.pass_index, index)
+        if self.capturable:
+            # One chunk with headroom B - 1: no query ever needs a wider search.
+            cand = self._candidates(queries, min(k + b - 1, n), used, index)
+            fallback = self._candidates(queries, min(k, n - 1), None, index)
+            res = resolve_neighbours(cand, index, u, k, fallback=fallback, backend=self._walk_backend)
+            taken, fell = res.taken, (res.status == FALLBACK).sum()
+            if err is not None:
+                ok = err[0] == 0
+                taken, fell = torch.where(ok, taken, -1), torch.where(ok, fell, 0)
+            _take(used, taken)
+            return res.picks, used, fell
+        rows = torch.full((b,), -1, dtype=torch.int64, device=index.device)
+        status = torch.full((b,), -1, dtype=torch.int64, device=index.device)
         chunk = self.max_search_k - k + 1
-        pending: list[int] = []  # queries left without candidates: the end-of-pass fallback
+        maybe_fallback = False
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
             # Query q of the chunk loses at most q-s rows to earlier queries of the chunk, so
             # K + G - 1 candidates per query always suffice; fewer usually do (see headroom).
-            search_k = min(k + min(e - s - 1, self.headroom), n)
-            cand = self._candidates(queries[s:e], search_k, used, index[s:e]).cpu().numpy()
-            taken: set[int] = set()
-            for q in range(s, e):
-                mine = [int(r) for r in cand[q - s] if r >= 0 and r not in taken][:k]
-                if len(mine) < k and cand[q - s][-1] >= 0:
-                    # The list was full, so eligible rows may lie beyond it: search this query
-                    # again with the chunk's earlier picks masked (exactly its candidates).
-                    mask = used.clone()
-                    mask[torch.tensor(sorted(taken), device=used.device)] = True
-                    again = self._candidates(queries[q : q + 1], k, mask, index[q : q + 1])
-                    mine = [int(r) for r in again[0].cpu().numpy() if r >= 0]
-                if mine:
-                    rows[q] = mine[int(u[q] * len(mine))]
-                    taken.add(int(rows[q]))
-                else:
-                    pending.append(q)
-            if taken:
-                used[torch.tensor(sorted(taken), device=used.device)] = True
-        if pending:
+            res = self._walk(queries[s:e], index[s:e], u[s:e], min(e - s - 1, self.headroom), used)
+            counts = torch.stack([(res.status == NEEDS_SEARCH).sum(), (res.status == FALLBACK).sum()])
+            read = (counts if err is None or s > 0 else torch.cat([counts, err])).tolist()  # the one host read
+            if len(read) > 2 and read[2]:
+                raise self._value_error(*read[2:])
+            searched, fell = read[:2]
+            picks, taken, st = res
+            if searched:
+                # The walk stopped at query f of the chunk: search it and every later query again,
+                # together, with the picks before f masked (K + T - 1 candidates for T queries).
+                f = e - s - searched
+                _take(used, taken[:f])
+                again = self._walk(queries[s + f : e], index[s + f : e], u[s + f : e], searched - 1, used)
+                picks, taken, st = torch.cat([picks[:f], again.picks]), again.taken, torch.cat([st[:f], again.status])
+            _take(used, taken)
+            rows[s:e], status[s:e] = picks, st
+            maybe_fallback = maybe_fallback or fell > 0 or searched > 0
+        if not maybe_fallback:
+            return rows, used, 0
+        pending = (status == FALLBACK).nonzero().flatten()
+        if pending.numel():
             # Every row but its own is used (at most once per pass): its own row stays excluded,
-            # and its pick, already used, cannot change what later queries may take.
-            sel = torch.tensor(pending, device=index.device)
-            cand = self._candidates(queries[sel], min(k, n - 1), None, index[sel]).cpu().numpy()
-            for j, q in enumerate(pending):
-                mine = [int(r) for r in cand[j] if r >= 0]
-                if not mine:  # update/neighbours/load_state_dict never store one: written directly
-                    raise RuntimeError(f"query {q} of the batch (row {int(index[q])}) has no candidate: every "
-                                       "other row of the bank holds a non-finite code")
-                rows[q] = mine[int(u[q] * len(mine))]
-        return torch.from_numpy(rows).to(index.device), used, len(pending)
+            # and its pick, already used, cannot change what later queries may take. The walk over
+            # empty candidate lists picks from the fallback lists.
+            fallback = self._candidates(queries[pending], min(k, n - 1), None, index[pending])
+            picks = resolve_neighbours(fallback[:, :0], index[pending], u[pending], k, fallback=fallback,
+                                       backend=self._walk_backend).picks
+            if bool((picks < 0).any()):  # update/neighbours/load_state_dict never store one: written directly
+                q = int(pending[(picks < 0).nonzero()[0]])
+                raise RuntimeError(f"query {q} of the batch (row {int(index[q])}) has no candidate: every "
+                                   "other row of the bank holds a non-finite code")
+            rows[pending] = picks
+        return rows, used, pending.numel()
+
+
+def _take(used: torch.Tensor, taken: torch.Tensor) -> None:
+    """Mark the rows ``taken`` [G] int64 (-1: none) in ``used`` [N] bool, without a host read."""
+    hit = torch.zeros(used.shape[0] + 1, dtype=torch.bool, device=used.device)
+    hit[torch.where(taken >= 0, taken, used.shape[0])] = True
+    used |= hit[:-1]
 
 
 __all__ = ["CodeBank", "Neighbours", "initial_codes"]

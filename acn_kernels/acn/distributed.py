@@ -157,6 +157,10 @@ class DistributedCodeBank(CodeBank):
     # ---------------------------------------------------------------------------------------
     # CodeBank's hooks, made collective
 
+    def _defers_checks(self) -> bool:
+        # Every rank must know before the first collective whether a rank's arguments are bad.
+        return False
+
     def _gather_rows(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Every rank's ``t`` [sizes[r], ...] concatenated in rank order [sum(sizes), ...]."""
         most = max(sizes)

@@ -69,5 +69,24 @@ cudaError_t masked_topk(const TopkPlan& plan, const void* queries, const void* b
                         int64_t* indices, void* part_dists, int64_t* part_indices,
                         cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Batch-order neighbour resolution (contract: docs/design.md, "resolve_neighbours";
+// csrc/cpu/resolve_neighbours.cpp is the spec in code).
+//
+// One block of one warp walks the batch in order (query b depends on the rows 0..b-1 took); the
+// taken rows are the hash set of include/resolve_neighbours.h, in shared memory, or in a global
+// workspace when the batch is too large for it.
+
+// int64 entries of the workspace for a batch of B queries; 0 when the set fits in shared memory.
+int64_t resolve_neighbours_workspace(int64_t B);
+
+// candidates [B, C], index [B], fallback [B, F] or nullptr: int64; uniforms [B]: double when
+// uniforms_double, else float. workspace: resolve_neighbours_workspace(B) entries (or nullptr
+// when that is 0). Writes picks, taken and status [B] int64. B >= 1.
+cudaError_t resolve_neighbours(int64_t B, int64_t C, int64_t F, int64_t k, const int64_t* candidates,
+                               const int64_t* index, const void* uniforms, bool uniforms_double,
+                               const int64_t* fallback, int64_t* picks, int64_t* taken,
+                               int64_t* status, int64_t* workspace, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace acn
