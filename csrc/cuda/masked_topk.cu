@@ -27,13 +27,14 @@
 //     rescored by the whole block while the tile is still staged: sum_d (q_d - b_d)^2 in float32
 //     in the CPU kernel's order (8 lanes, a tail, a fixed pairwise sum; no FMA contraction), so the
 //     distances are bit-identical to csrc/cpu/masked_topk.cpp's. Those that beat the k-th (by
-//     distance, ties to the smaller row) go to the query's buffer.
+//     distance, ties to the smaller row) go to the query's buffer, as one 64-bit key: the
+//     distance's bits over the row's offset in its split (unsigned order = (distance, row) order).
 //  5. Selection as in the SIMT kernel: threshold, buffer, bitonic flush (sort the buffer; the
 //     elementwise minimum of the ascending list and the reversed buffer is bitonic and holds the
 //     smallest of both; a bitonic merge sorts it). With 64-128 queries per block the lists (kpad
-//     entries) and buffers (W entries) live in the global workspace; a flush stages them in
-//     shared memory, `flush_groups` queries at a time. The buffer takes a tile's rows at most
-//     per query and is flushed once it could overflow in the next tile.
+//     keys) and buffers (W keys) live in the global workspace; a flush stages them in shared
+//     memory, `flush_groups` queries at a time. A tile adds at most BT keys to a buffer, which is
+//     flushed once it could overflow in the next tile. At the end the lists become (distance, row).
 //
 // SIMT path (float64, older GPUs, small batches, large D): the existing exact kernel (below),
 // one bank row per thread, the direct form for every pair, the same selection in shared memory.
@@ -362,18 +363,18 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_type_t<scalar_t>) == 8 ? 
 // Merge tree: level after level, each block merges up to kMergeFanIn sorted lists of one query.
 
 struct MergeArgs {
-  int64_t B;
-  int64_t s_in, s_out;  // lists per query in and out (s_out = ceil(s_in / kMergeFanIn))
-  int64_t stride_in;    // entries between consecutive input lists (>= k)
+  int64_t s_in, s_out;  // lists of k entries per query in and out (s_out = ceil(s_in / kMergeFanIn))
   int k, kpad;
 };
 
 // Block (b, g) merges input lists g * kMergeFanIn ... of query b into output list g of
 // [B, s_out, k] (the final [B, k] outputs when s_out == 1). Input lists are ascending by
 // (distance, row) and padded with (+inf, -1); each is folded into the running list by the
-// min/bitonic merge, so the result is the k smallest of all of them in the same order.
+// min/bitonic merge, so the result is the k smallest of all of them in the same order. (Two blocks
+// per SM in the bounds: without a minimum, ptxas squeezed the float version into 32 registers
+// and spilled.)
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     topk_merge_kernel(MergeArgs a, const acc_t* __restrict__ src_d, const int64_t* __restrict__ src_i,
                       acc_t* __restrict__ dst_d, int64_t* __restrict__ dst_i) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -383,7 +384,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t j0 = g * kMergeFanIn, j1 = min(a.s_in, j0 + kMergeFanIn);
   const int tid = threadIdx.x;
   {
-    const int64_t base = (b * a.s_in + j0) * a.stride_in;
+    const int64_t base = (b * a.s_in + j0) * a.k;
     for (int i = tid; i < a.kpad; i += kThreads) {
       ld[i] = i < a.k ? src_d[base + i] : inf_v<acc_t>();
       li[i] = i < a.k ? src_i[base + i] : int64_t(-1);
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = j0 + 1; j < j1; ++j) {
     // list[i] = min(list[i], next[kpad - 1 - i]): bitonic, and holds the kpad smallest of both
     // (entries of `next` past k are padding, i.e. never smaller).
-    const int64_t base = (b * a.s_in + j) * a.stride_in;
+    const int64_t base = (b * a.s_in + j) * a.k;
     for (int i = tid; i < a.kpad; i += kThreads) {
       const int s = a.kpad - 1 - i;
       if (s >= a.k) continue;
@@ -594,18 +595,31 @@ struct TcArgs {
   int64_t splits, qtiles;
   Band band;
   const int64_t* eligible;  // [1] number of compacted rows
-  const int64_t* rows;      // [eligible] compacted row ids
+  const int64_t* rows;      // [eligible] compacted row ids, ascending
   const float* rows_h;      // [eligible] their h_b
-  float* list_d;            // [B, splits, kpad] lists, ascending by (distance, row)
-  int64_t* list_i;
-  float* buf_d;             // [B, splits, w] buffers, unsorted
-  int64_t* buf_i;
+  uint64_t* lists;          // [B, splits, kpad] keys, ascending
+  uint64_t* bufs;           // [B, splits, w] keys, unsorted
+  float* out_d;             // [B, splits, k] (the outputs [B, k] when splits == 1)
+  int64_t* out_i;
 };
+
+// A candidate of a split as one 64-bit key: the distance's bits (distances are >= +0.0, so their
+// bits order as unsigned integers) over its compacted row's offset from the split's first (the
+// compaction keeps row order, and a split holds fewer than 2^31 rows): unsigned order is
+// (distance, row) order, ties to the smaller row. kNoKey (all ones) pads, after every key.
+constexpr uint64_t kNoKey = ~uint64_t(0);
+
+__device__ __forceinline__ uint64_t make_key(float d, int64_t offset) {
+  return (uint64_t(__float_as_uint(d)) << 32) | uint64_t(offset);
+}
+__device__ __forceinline__ float key_dist(uint64_t key) {
+  return key == kNoKey ? inf_v<float>() : __uint_as_float(unsigned(key >> 32));
+}
 
 // Shared-memory layout of the partial kernel, byte offsets (host and device).
 struct TcLayout {
-  size_t qrows, bank, meta_rows, meta_h, lim, kth_d, kth_i, nx, l1x, state, excl, cnt, flushed,
-      flist, queue, scal, scr_d, scr_i, total;
+  size_t qrows, bank, meta_rows, meta_h, lim, kth, nx, l1x, state, excl, cnt, flushed, flist, queue, scal,
+      scratch, total;
 };
 
 __host__ __device__ inline TcLayout tc_layout(int qt, int bt, int sw, int kpad, int w, int groups) {
@@ -621,9 +635,7 @@ __host__ __device__ inline TcLayout tc_layout(int qt, int bt, int sw, int kpad, 
   off = align16(off + size_t(3) * bt * 4);
   l.lim = off;        // [qt] float: lim_q
   off = align16(off + size_t(qt) * 4);
-  l.kth_d = off;      // [qt] float, int64: the current k-th (distance, row)
-  off = align16(off + size_t(qt) * 4);
-  l.kth_i = off;
+  l.kth = off;        // [qt] uint64: the key of the current k-th
   off = align16(off + size_t(qt) * 8);
   l.nx = off;         // [qt] float: |q|^2, |q|_1
   off = align16(off + size_t(qt) * 4);
@@ -643,9 +655,7 @@ __host__ __device__ inline TcLayout tc_layout(int qt, int bt, int sw, int kpad, 
   off = align16(off + size_t(qt) * bt * 2);
   l.scal = off;       // int: queue length, flush wanted, flush count, flush width
   off = align16(off + 4 * sizeof(int));
-  l.scr_d = off;      // [groups][kpad + w] float, int64: lists and buffers being merged
-  off = align16(off + size_t(groups) * (kpad + w) * 4);
-  l.scr_i = off;
+  l.scratch = off;    // [groups][kpad + w] uint64: lists and buffers being merged
   off = align16(off + size_t(groups) * (kpad + w) * 8);
   l.total = off;
   return l;
@@ -714,14 +724,22 @@ __device__ float direct_dist(const scalar_t* x, const scalar_t* y, int64_t D) {
 
 // Stages `n` rows of D elements into shared memory rows of `sw` words: row r comes from
 // src + row(r) * D. 16-byte asynchronous copies when `vec` (D * sizeof(scalar_t) a multiple of 16
-// and src 16-byte aligned), plain element copies otherwise. Warps over rows, lanes over a row:
-// no division in the loop. Elements past D are never written (zero from the start).
+// and src 16-byte aligned), plain element copies otherwise. Warps over rows, lanes over a row (no
+// division in the loops); when a row's vectors divide 32, a warp copies 32 / vpr rows per step,
+// so that no lane idles. Elements past D are never written (zero from the start).
 template <typename scalar_t, typename RowOf>
 __device__ __forceinline__ void stage_rows(unsigned* dst, int sw, const scalar_t* src, int64_t D, int n,
                                            bool vec, RowOf row_of) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (vec) {
     const int vpr = int(D * int64_t(sizeof(scalar_t)) / 16);
+    if (vpr <= 32 && (vpr & (vpr - 1)) == 0) {
+      // lane = sub * vpr + v; rows warp * per + sub + j * 8 * per: each (row, vector) once.
+      const int shift = __ffs(vpr) - 1, per = 32 >> shift, v = lane & (vpr - 1);
+      for (int r = warp * per + (lane >> shift); r < n; r += kTcWarps * per)
+        cp_async<16>(dst + r * sw + v * 4, reinterpret_cast<const char*>(src + row_of(r) * D) + v * 16);
+      return;
+    }
     for (int r = warp; r < n; r += kTcWarps) {
       const char* s = reinterpret_cast<const char*>(src + row_of(r) * D);
       for (int v = lane; v < vpr; v += 32) cp_async<16>(dst + r * sw + v * 4, s + v * 16);
@@ -736,15 +754,12 @@ __device__ __forceinline__ void stage_rows(unsigned* dst, int sw, const scalar_t
   }
 }
 
-// Block-wide compare-exchange of entries x < y of one (distance, row) array.
-__device__ __forceinline__ void cmp_swap(float* d, int64_t* ix, int x, int y, bool ascending) {
-  const float dx = d[x], dy = d[y];
-  const int64_t ix_ = ix[x], iy = ix[y];
-  if (topk_before(dy, iy, dx, ix_) == ascending) {
-    d[x] = dy;
-    d[y] = dx;
-    ix[x] = iy;
-    ix[y] = ix_;
+// Compare-exchange of keys x < y: into ascending order, or descending when !ascending.
+__device__ __forceinline__ void cmp_swap(uint64_t* key, int x, int y, bool ascending) {
+  const uint64_t a = key[x], b = key[y];
+  if ((b < a) == ascending) {
+    key[x] = b;
+    key[y] = a;
   }
 }
 
@@ -755,8 +770,7 @@ struct TcShared {
   int64_t* meta_rows;
   float* meta_h;
   float* lim;
-  float* kth_d;
-  int64_t* kth_i;
+  uint64_t* kth;
   float* nx;
   float* l1x;
   int* state;
@@ -766,8 +780,7 @@ struct TcShared {
   int* flist;
   uint16_t* queue;
   int* scal;  // [0] queue length, [1] flush wanted, [2] queries to flush, [3] flush width
-  float* scr_d;
-  int64_t* scr_i;
+  uint64_t* scratch;
 
   __device__ TcShared(unsigned char* s, const TcLayout& l)
       : qrows(reinterpret_cast<unsigned*>(s + l.qrows)),
@@ -775,8 +788,7 @@ struct TcShared {
         meta_rows(reinterpret_cast<int64_t*>(s + l.meta_rows)),
         meta_h(reinterpret_cast<float*>(s + l.meta_h)),
         lim(reinterpret_cast<float*>(s + l.lim)),
-        kth_d(reinterpret_cast<float*>(s + l.kth_d)),
-        kth_i(reinterpret_cast<int64_t*>(s + l.kth_i)),
+        kth(reinterpret_cast<uint64_t*>(s + l.kth)),
         nx(reinterpret_cast<float*>(s + l.nx)),
         l1x(reinterpret_cast<float*>(s + l.l1x)),
         state(reinterpret_cast<int*>(s + l.state)),
@@ -786,13 +798,13 @@ struct TcShared {
         flist(reinterpret_cast<int*>(s + l.flist)),
         queue(reinterpret_cast<uint16_t*>(s + l.queue)),
         scal(reinterpret_cast<int*>(s + l.scal)),
-        scr_d(reinterpret_cast<float*>(s + l.scr_d)),
-        scr_i(reinterpret_cast<int64_t*>(s + l.scr_i)) {}
+        scratch(reinterpret_cast<uint64_t*>(s + l.scratch)) {}
 };
 
 // Block-wide (uniform call): merges the buffer of every query that has entries into its list,
 // `groups` queries at a time in shared memory, and refreshes their k-th and lim. List and buffer
-// of query q live at ((q0 + q) * splits + split) * {kpad, w}.
+// of query q live at ((q0 + q) * splits + split) * {kpad, w}. (Inlined: as a call, the kernel's
+// arguments and shared-memory pointers would live on the stack and be reloaded in the tile loop.)
 template <int QT>
 __device__ void tc_flush(const TcArgs& a, const TcShared& s, int64_t q0, int64_t split) {
   const int tid = threadIdx.x;
@@ -818,17 +830,11 @@ __device__ void tc_flush(const TcArgs& a, const TcShared& s, int64_t q0, int64_t
     const int wq = s.scal[3];
     for (int e = tid; e < gn * a.kpad; e += kTcThreads) {
       const int m = e / a.kpad, j = e % a.kpad, q = s.flist[g0 + m];
-      const int64_t src = ((q0 + q) * a.splits + split) * a.kpad + j;
-      const bool have = s.flushed[q] != 0;
-      s.scr_d[m * per + j] = have ? a.list_d[src] : inf_v<float>();
-      s.scr_i[m * per + j] = have ? a.list_i[src] : int64_t(-1);
+      s.scratch[m * per + j] = s.flushed[q] ? a.lists[((q0 + q) * a.splits + split) * a.kpad + j] : kNoKey;
     }
     for (int e = tid; e < gn * wq; e += kTcThreads) {
       const int m = e / wq, j = e % wq, q = s.flist[g0 + m];
-      const int64_t src = ((q0 + q) * a.splits + split) * a.w + j;
-      const bool have = j < s.cnt[q];
-      s.scr_d[m * per + a.kpad + j] = have ? a.buf_d[src] : inf_v<float>();
-      s.scr_i[m * per + a.kpad + j] = have ? a.buf_i[src] : int64_t(-1);
+      s.scratch[m * per + a.kpad + j] = j < s.cnt[q] ? a.bufs[((q0 + q) * a.splits + split) * a.w + j] : kNoKey;
     }
     __syncthreads();
     // Sort the buffers ascending (bitonic: blocks of `size` alternate in direction until the last).
@@ -838,21 +844,18 @@ __device__ void tc_flush(const TcArgs& a, const TcShared& s, int64_t q0, int64_t
         for (int e = tid; e < gn * half; e += kTcThreads) {
           const int m = e / half, t = e % half;
           const int x = 2 * t - (t & (stride - 1));
-          cmp_swap(s.scr_d + m * per + a.kpad, s.scr_i + m * per + a.kpad, x, x + stride, (x & size) == 0);
+          cmp_swap(s.scratch + m * per + a.kpad, x, x + stride, (x & size) == 0);
         }
         __syncthreads();
       }
     }
-    // list[j] = min(list[j], buf[kpad - 1 - j]) (buffer entries past wq are +inf): bitonic, and
+    // list[j] = min(list[j], buf[kpad - 1 - j]) (buffer entries past wq are kNoKey): bitonic, and
     // holds the kpad smallest of both.
     for (int e = tid; e < gn * a.kpad; e += kTcThreads) {
       const int m = e / a.kpad, j = e % a.kpad, b = a.kpad - 1 - j;
-      if (b >= wq) continue;
-      float* ld = s.scr_d + m * per;
-      int64_t* li = s.scr_i + m * per;
-      if (topk_before(ld[a.kpad + b], li[a.kpad + b], ld[j], li[j])) {
-        ld[j] = ld[a.kpad + b];
-        li[j] = li[a.kpad + b];
+      if (b < wq) {
+        uint64_t* l = s.scratch + m * per;
+        l[j] = min(l[j], l[a.kpad + b]);
       }
     }
     __syncthreads();
@@ -861,21 +864,18 @@ __device__ void tc_flush(const TcArgs& a, const TcShared& s, int64_t q0, int64_t
       for (int e = tid; e < gn * lhalf; e += kTcThreads) {
         const int m = e / lhalf, t = e % lhalf;
         const int x = 2 * t - (t & (stride - 1));
-        cmp_swap(s.scr_d + m * per, s.scr_i + m * per, x, x + stride, true);
+        cmp_swap(s.scratch + m * per, x, x + stride, true);
       }
       __syncthreads();
     }
     for (int e = tid; e < gn * a.kpad; e += kTcThreads) {
       const int m = e / a.kpad, j = e % a.kpad, q = s.flist[g0 + m];
-      const int64_t dst = ((q0 + q) * a.splits + split) * a.kpad + j;
-      a.list_d[dst] = s.scr_d[m * per + j];
-      a.list_i[dst] = s.scr_i[m * per + j];
+      a.lists[((q0 + q) * a.splits + split) * a.kpad + j] = s.scratch[m * per + j];
     }
     for (int m = tid; m < gn; m += kTcThreads) {
       const int q = s.flist[g0 + m];
-      s.kth_d[q] = s.scr_d[m * per + a.k - 1];
-      s.kth_i[q] = s.scr_i[m * per + a.k - 1];
-      s.lim[q] = query_limit(s.state[q], s.kth_d[q], s.nx[q], s.l1x[q], a.band);
+      s.kth[q] = s.scratch[m * per + a.k - 1];
+      s.lim[q] = query_limit(s.state[q], key_dist(s.kth[q]), s.nx[q], s.l1x[q], a.band);
       s.cnt[q] = 0;
       s.flushed[q] = 1;
     }
@@ -960,8 +960,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       s.state[q] = st;
       s.nx[q] = sq;
       s.l1x[q] = l1;
-      s.kth_d[q] = inf_v<float>();
-      s.kth_i[q] = -1;
+      s.kth[q] = kNoKey;
       s.lim[q] = query_limit(st, inf_v<float>(), sq, l1, a.band);
       s.cnt[q] = 0;
       s.flushed[q] = 0;
@@ -1097,11 +1096,10 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         if (row == s.excl[q]) continue;
         const float d = direct_dist(reinterpret_cast<const scalar_t*>(s.qrows) + q * swe,
                                     reinterpret_cast<const scalar_t*>(tile) + col * swe, a.D);
-        if (!topk_before(d, row, s.kth_d[q], s.kth_i[q])) continue;
+        const uint64_t key = make_key(d, i * BT + col);
+        if (!(key < s.kth[q])) continue;
         const int pos = atomicAdd(&s.cnt[q], 1);
-        const int64_t o = ((q0 + q) * a.splits + split) * a.w + pos;
-        a.buf_d[o] = d;
-        a.buf_i[o] = row;
+        a.bufs[((q0 + q) * a.splits + split) * a.w + pos] = key;
         if (pos + 1 > a.w - BT) s.scal[1] = 1;  // the next tile could overflow this buffer
       }
     }
@@ -1110,13 +1108,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     if (tid == 0) s.scal[0] = 0;  // read by nobody until the next tile's barrier
   }
   tc_flush<QT>(a, s, q0, split);
-  // Queries that never accepted a row: their lists are all padding.
+  // The split's k best of each query as (distance, row); (+inf, -1) past the eligible ones, and
+  // everywhere for a query that never accepted a row.
   for (int e = tid; e < nq * a.k; e += kTcThreads) {
     const int q = e / a.k, j = e % a.k;
-    if (s.flushed[q]) continue;
-    const int64_t dst = ((q0 + q) * a.splits + split) * a.kpad + j;
-    a.list_d[dst] = inf_v<float>();
-    a.list_i[dst] = -1;
+    const uint64_t key = s.flushed[q] ? a.lists[((q0 + q) * a.splits + split) * a.kpad + j] : kNoKey;
+    const int64_t o = ((q0 + q) * a.splits + split) * a.k + j;
+    a.out_d[o] = key_dist(key);
+    a.out_i[o] = key == kNoKey ? int64_t(-1) : a.rows[p0 + int64_t(key & 0xffffffffu)];
   }
 }
 
@@ -1161,16 +1160,16 @@ TcGeometry tc_geometry(DType dt, int64_t D, int k, int bt) {
 
 // Byte offsets of the workspace regions (256-byte aligned); `total` is the size.
 struct Workspace {
-  size_t part_d, part_i, tmp_d, tmp_i;     // partial lists (SIMT) or lists (tensor cores); merge level
-  size_t buf_d, buf_i;                      // tensor cores: buffers
-  size_t h_all, offsets, rows, rows_h;      // tensor cores: row statistics and compaction
+  size_t part_d, part_i;                  // [B, splits, k] partial lists (when splits > 1)
+  size_t tmp_d, tmp_i;                    // a level of the merge tree
+  size_t lists, bufs;                     // tensor cores: keys of the lists and buffers
+  size_t h_all, offsets, rows, rows_h;    // tensor cores: row statistics and compaction
   size_t total;
 };
 
 Workspace workspace_layout(const TopkPlan& p) {
   Workspace w{};
   const size_t acc = acc_size(p.dt);
-  const int64_t kpad = next_pow2(p.k);
   size_t off = 0;
   auto take = [&](size_t bytes) {
     const size_t o = off;
@@ -1179,24 +1178,23 @@ Workspace workspace_layout(const TopkPlan& p) {
   };
   const int64_t lists = p.B * p.splits;
   const int64_t level1 = ceil_div(p.splits, kMergeFanIn);  // lists per query after one merge level
-  if (p.tensor_cores) {
-    const TcGeometry g = tc_geometry(p.dt, p.D, p.k, p.tile_rows);
-    const int64_t chunks = ceil_div(p.N, kRowChunk);
-    w.part_d = take(size_t(lists) * kpad * sizeof(float));
-    w.part_i = take(size_t(lists) * kpad * sizeof(int64_t));
-    w.buf_d = take(size_t(lists) * g.w * sizeof(float));
-    w.buf_i = take(size_t(lists) * g.w * sizeof(int64_t));
-    w.h_all = take(size_t(p.N) * sizeof(float));
-    w.offsets = take(size_t(chunks + 1) * sizeof(int64_t));
-    w.rows = take(size_t(p.N) * sizeof(int64_t));
-    w.rows_h = take(size_t(p.N) * sizeof(float));
-  } else if (p.splits > 1) {
+  if (p.splits > 1) {
     w.part_d = take(size_t(lists) * p.k * acc);
     w.part_i = take(size_t(lists) * p.k * sizeof(int64_t));
   }
   if (level1 > 1) {
     w.tmp_d = take(size_t(p.B) * level1 * p.k * acc);
     w.tmp_i = take(size_t(p.B) * level1 * p.k * sizeof(int64_t));
+  }
+  if (p.tensor_cores) {
+    const TcGeometry g = tc_geometry(p.dt, p.D, p.k, p.tile_rows);
+    const int64_t chunks = ceil_div(p.N, kRowChunk);
+    w.lists = take(size_t(lists) * g.kpad * sizeof(uint64_t));
+    w.bufs = take(size_t(lists) * g.w * sizeof(uint64_t));
+    w.h_all = take(size_t(p.N) * sizeof(float));
+    w.offsets = take(size_t(chunks + 1) * sizeof(int64_t));
+    w.rows = take(size_t(p.N) * sizeof(int64_t));
+    w.rows_h = take(size_t(p.N) * sizeof(float));
   }
   w.total = off;
   return w;
@@ -1208,8 +1206,8 @@ cudaError_t tc_kernel_attributes(size_t smem, int* blocks_per_sm, bool* built) {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
-  // The kernel body exists only when it was compiled for sm_80 or later (PTX or SASS); a binary
-  // that reaches this GPU through older PTX has an empty kernel and must take the SIMT path.
+  // The kernel works only when compiled for sm_80 or later (PTX or SASS); a binary that reaches
+  // this GPU through older PTX has a kernel that traps, and must take the SIMT path.
   *built = attr.ptxVersion >= 80;
   if (!*built) return cudaSuccess;
   err = allow_smem(kernel, smem);
@@ -1243,9 +1241,9 @@ cudaError_t plan_tensor_cores(int sms, int cc_major, size_t optin, TopkPlan* p) 
     if (qt == 128 && p->B <= 64) continue;
     const TcGeometry g = tc_geometry(p->dt, p->D, p->k, bt);
     const size_t fixed = tc_layout(qt, bt, g.sw, g.kpad, g.w, 0).total;
-    const size_t group_bytes = size_t(g.kpad + g.w) * (sizeof(float) + sizeof(int64_t)) + 32;  // + alignment
-    if (fixed + group_bytes > optin) continue;
-    const size_t scratch = std::min(optin - fixed, std::max(kMaxFlushScratch, group_bytes));
+    const size_t group_bytes = size_t(g.kpad + g.w) * sizeof(uint64_t);
+    if (fixed + group_bytes + 16 > optin) continue;
+    const size_t scratch = std::min(optin - fixed - 16, std::max(kMaxFlushScratch, group_bytes));  // 16: alignment
     const int groups = int(std::min<size_t>(qt, scratch / group_bytes));
     const size_t smem = tc_layout(qt, bt, g.sw, g.kpad, g.w, groups).total;
     if (smem > optin) continue;
@@ -1256,12 +1254,26 @@ cudaError_t plan_tensor_cores(int sms, int cc_major, size_t optin, TopkPlan* p) 
     if (err != cudaSuccess) return err;
     if (!built) return cudaSuccess;
     if (blocks_per_sm < 1) continue;
-    // Splits: about one wave of blocks; each split at least 4 lists' worth of rows (every split
-    // adds k log(rows / k) expected acceptances per query); lists and buffers within kMaxTcEntries.
+    // Splits: each at least 4 lists' worth of rows (every split adds about k log(rows / k)
+    // acceptances per query), lists and buffers within kMaxTcEntries; among those, the fewest
+    // that fill the GPU's waves well: the time goes as ceil(blocks / resident blocks) / splits,
+    // and a split count is taken only when it beats the smaller ones by 10%.
     const int64_t qtiles = ceil_div(p->B, qt);
-    int64_t splits = ceil_div(int64_t(sms) * blocks_per_sm, qtiles);
-    splits = std::min(splits, std::max<int64_t>(1, p->N / (4 * std::max(g.kpad, bt))));
-    splits = std::min(splits, std::max<int64_t>(1, kMaxTcEntries / (p->B * (g.kpad + g.w))));
+    const int64_t resident = int64_t(sms) * blocks_per_sm;
+    int64_t cap = std::max<int64_t>(1, p->N / (4 * std::max(g.kpad, bt)));
+    cap = std::min(cap, std::max<int64_t>(1, kMaxTcEntries / (p->B * (g.kpad + g.w))));
+    cap = std::min(cap, 4 * ceil_div(resident, qtiles));
+    int64_t splits = 1;
+    double best = double(ceil_div(qtiles, resident));
+    for (int64_t sp = 2; sp <= cap; ++sp) {
+      const double cost = double(ceil_div(qtiles * sp, resident)) / double(sp);
+      if (cost < 0.9 * best) {
+        best = cost;
+        splits = sp;
+      }
+    }
+    // Keys hold a row's offset within its split in 32 bits.
+    splits = std::max(splits, ceil_div(p->N, int64_t(1) << 31));
     if (qtiles * splits > 0x7fffffff || ceil_div(p->N, kRowChunk) > 0x7fffffff) continue;
     p->tensor_cores = true;
     p->queries_per_block = qt;
@@ -1290,25 +1302,21 @@ cudaError_t launch_partial(const TopkPlan& p, const TopkArgs& a, const void* que
   return cudaGetLastError();
 }
 
-// Levels of the merge tree from `splits` lists per query (stride `stride` entries) in part to the
+// Levels of the merge tree from the [B, splits, k] partial lists in part (splits > 1) to the
 // outputs; intermediate levels alternate between tmp and part (a level never needs more room
-// than the one before it). Runs at least one level when `always` (the tensor-core lists are
-// kpad long and never the outputs themselves).
+// than the one before it).
 template <typename acc_t>
-cudaError_t merge_tree(const TopkPlan& p, int64_t stride, acc_t* part_d, int64_t* part_i, acc_t* tmp_d,
-                       int64_t* tmp_i, acc_t* out_d, int64_t* out_i, bool always, cudaStream_t stream) {
+cudaError_t merge_tree(const TopkPlan& p, acc_t* part_d, int64_t* part_i, acc_t* tmp_d, int64_t* tmp_i,
+                       acc_t* out_d, int64_t* out_i, cudaStream_t stream) {
   MergeArgs m;
-  m.B = p.B;
   m.k = p.k;
   m.kpad = next_pow2(p.k);
   m.s_in = p.splits;
-  m.stride_in = stride;
   const acc_t* src_d = part_d;
   const int64_t* src_i = part_i;
   bool from_part = true;
   const size_t smem = merge_smem(sizeof(acc_t), m.kpad);
-  while (m.s_in > 1 || always) {
-    always = false;
+  while (m.s_in > 1) {
     m.s_out = ceil_div(m.s_in, kMergeFanIn);
     acc_t* dst_d = m.s_out == 1 ? out_d : (from_part ? tmp_d : part_d);
     int64_t* dst_i = m.s_out == 1 ? out_i : (from_part ? tmp_i : part_i);
@@ -1320,7 +1328,6 @@ cudaError_t merge_tree(const TopkPlan& p, int64_t stride, acc_t* part_d, int64_t
     src_i = dst_i;
     from_part = !from_part;
     m.s_in = m.s_out;
-    m.stride_in = p.k;
   }
   return cudaSuccess;
 }
@@ -1363,10 +1370,12 @@ cudaError_t run_tensor_cores(const TopkPlan& p, const Workspace& ws, unsigned ch
   a.eligible = offsets + chunks;
   a.rows = reinterpret_cast<const int64_t*>(base + ws.rows);
   a.rows_h = reinterpret_cast<const float*>(base + ws.rows_h);
-  a.list_d = reinterpret_cast<float*>(base + ws.part_d);
-  a.list_i = reinterpret_cast<int64_t*>(base + ws.part_i);
-  a.buf_d = reinterpret_cast<float*>(base + ws.buf_d);
-  a.buf_i = reinterpret_cast<int64_t*>(base + ws.buf_i);
+  a.lists = reinterpret_cast<uint64_t*>(base + ws.lists);
+  a.bufs = reinterpret_cast<uint64_t*>(base + ws.bufs);
+  float* part_d = reinterpret_cast<float*>(base + ws.part_d);
+  int64_t* part_i = reinterpret_cast<int64_t*>(base + ws.part_i);
+  a.out_d = p.splits > 1 ? part_d : dists;
+  a.out_i = p.splits > 1 ? part_i : indices;
 
   tc_row_stats_kernel<scalar_t><<<static_cast<unsigned int>(chunks), kThreads, 0, stream>>>(
       p.N, p.D, bank, mask, band, h_all, offsets);
@@ -1381,9 +1390,9 @@ cudaError_t run_tensor_cores(const TopkPlan& p, const Workspace& ws, unsigned ch
   if (err != cudaSuccess) return err;
   err = p.queries_per_block == 128 ? launch_tc<scalar_t, 128, 64>(p, a, queries, bank, excl, stream)
                                    : launch_tc<scalar_t, 64, 32>(p, a, queries, bank, excl, stream);
-  if (err != cudaSuccess) return err;
-  return merge_tree<float>(p, g.kpad, a.list_d, a.list_i, reinterpret_cast<float*>(base + ws.tmp_d),
-                           reinterpret_cast<int64_t*>(base + ws.tmp_i), dists, indices, true, stream);
+  if (err != cudaSuccess || p.splits == 1) return err;
+  return merge_tree<float>(p, part_d, part_i, reinterpret_cast<float*>(base + ws.tmp_d),
+                           reinterpret_cast<int64_t*>(base + ws.tmp_i), dists, indices, stream);
 }
 
 }  // namespace
@@ -1484,9 +1493,9 @@ cudaError_t masked_topk(const TopkPlan& p, const void* queries, const void* bank
         err = launch_partial<scalar_t, 1>(p, a, queries, bank, exclude_mask, exclude_index, pd, pi, stream);
     }
     if (err != cudaSuccess || p.splits == 1) return err;
-    return merge_tree<acc_t>(p, p.k, part_d, part_i, reinterpret_cast<acc_t*>(base + ws.tmp_d),
+    return merge_tree<acc_t>(p, part_d, part_i, reinterpret_cast<acc_t*>(base + ws.tmp_d),
                              reinterpret_cast<int64_t*>(base + ws.tmp_i), static_cast<acc_t*>(dists), indices,
-                             false, stream);
+                             stream);
   });
 }
 
