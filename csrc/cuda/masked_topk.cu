@@ -48,6 +48,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "acn_math.h"
@@ -1234,6 +1235,11 @@ cudaError_t tc_attributes(DType dt, size_t smem, int* blocks_per_sm, bool* built
 cudaError_t plan_tensor_cores(int sms, int cc_major, size_t optin, TopkPlan* p) {
   p->tensor_cores = false;
   if (p->dt == DType::kFloat64 || cc_major < 8 || p->B < kTcMinB || p->D < 1) return cudaSuccess;
+  // An unbounded band (D in the millions) would make h_b NaN, which marks a row ineligible.
+  const Band band = make_band(p->dt, p->D);
+  if (!(std::isfinite(band.opa) && std::isfinite(band.bm1) && std::isfinite(band.omb) && std::isfinite(band.eta) &&
+        std::isfinite(band.abs)))
+    return cudaSuccess;
   // Tile shapes, most queries first: 128 x 64 when the batch fills it, else 64 x 32.
   const int shapes[2][2] = {{128, 64}, {64, 32}};
   for (const auto& shape : shapes) {
