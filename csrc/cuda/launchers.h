@@ -37,37 +37,42 @@ cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* g
                         cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// Masked top-k (contract: docs/design.md, "masked_topk").
+// Masked top-k (contract: docs/design.md, "masked_topk"; scheme: the top of masked_topk.cu).
 //
-// Two kernels: a partial kernel gives each (query group, bank split) block a sorted top-k list of
-// its split; a merge kernel reduces the `splits` lists of each query. With one split the partial
-// kernel writes the outputs directly. The plan fixes the split count, so the caller can allocate
-// the partial lists (splits * B * k entries of acc and int64) before the launch.
+// Two paths, chosen by the plan. Tensor cores (float32/float16/bfloat16 inputs, sm_80 and up,
+// B >= 32, D small enough for the tiles to fit in shared memory): the bank's eligible rows are
+// compacted, tiles of 64-128 queries are filtered against bank tiles on the tensor cores and the
+// survivors rescored in the direct form. SIMT (float64, older GPUs, small batches, large D): the
+// exact direct form for every pair. Both give each (query, bank split) a sorted list; a merge
+// tree reduces the `splits` lists of each query, FAN_IN at a time, so that one query against a
+// large bank is merged by many blocks. The plan fixes the sizes, so the caller can allocate the
+// workspace (workspace_bytes, on the device) before the launch.
 
 struct TopkPlan {
   int64_t B = 0, N = 0, D = 0;
   int k = 0;
   DType dt = DType::kFloat32;
+  bool tensor_cores = false;  // the tensor-core filter path, else the SIMT path
   int queries_per_block = 1;  // queries sharing one bank tile in a block
-  int64_t split_rows = 0;     // bank rows per split (a multiple of the tile height)
-  int64_t splits = 1;         // number of bank splits; > 1 needs the partial buffers
+  int tile_rows = 0;          // tensor cores: bank rows per tile
+  int flush_groups = 0;       // tensor cores: queries whose lists a flush merges at once
+  int64_t split_rows = 0;     // SIMT: bank rows per split (a multiple of the tile height)
+  int64_t splits = 1;         // number of bank splits
   size_t smem_bytes = 0;      // dynamic shared memory of the partial kernel
-  // Entries of each partial buffer (splits * B * k; 0 when splits == 1).
-  int64_t partial_entries() const { return splits > 1 ? splits * B * k : 0; }
+  size_t workspace_bytes = 0; // device workspace of masked_topk (may be 0)
 };
 
-// Chooses block shape and split count for the current device. Fails (cudaErrorInvalidValue) on
-// sizes the kernels cannot take.
+// Chooses the path, block shape and split count for the current device. Fails
+// (cudaErrorInvalidValue) on sizes the kernels cannot take.
 cudaError_t masked_topk_plan(DType dt, int64_t B, int64_t N, int64_t D, int k, TopkPlan* plan);
 
 // queries [B, D], bank [N, D] (dtype plan.dt); exclude_mask [N] bool or nullptr; exclude_index
 // [B] int64 or nullptr (-1 = none; any value outside [0, N) excludes nothing). Writes dists
-// [B, k] (acc) and indices [B, k] int64. part_dists (acc) / part_indices: plan.partial_entries()
-// entries each, or nullptr when that is 0.
+// [B, k] (acc) and indices [B, k] int64. workspace: plan.workspace_bytes bytes of device memory,
+// 256-byte aligned (nullptr when that is 0).
 cudaError_t masked_topk(const TopkPlan& plan, const void* queries, const void* bank,
                         const bool* exclude_mask, const int64_t* exclude_index, void* dists,
-                        int64_t* indices, void* part_dists, int64_t* part_indices,
-                        cudaStream_t stream);
+                        int64_t* indices, void* workspace, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Batch-order neighbour resolution (contract: docs/design.md, "resolve_neighbours";

@@ -33,18 +33,17 @@ std::tuple<at::Tensor, at::Tensor> masked_topk_cuda(const at::Tensor& queries_,
   const cudaError_t plan_err = acn::cuda::masked_topk_plan(dt, B, N, D, static_cast<int>(k), &plan);
   TORCH_CHECK(plan_err == cudaSuccess, "masked_topk (cuda): no launch configuration for B=", B,
               ", N=", N, ", D=", D, ", k=", k, ": ", cudaGetErrorString(plan_err));
-  // Per-split lists of the bank splits (workspace, bounded by the plan; never B x N).
-  at::Tensor part_d, part_i;
-  if (plan.partial_entries() > 0) {
-    part_d = at::empty({plan.partial_entries()}, queries.options().dtype(acc));
-    part_i = at::empty({plan.partial_entries()}, queries.options().dtype(at::kLong));
-  }
+  // Row statistics, compacted rows, per-split lists and the merge tree's levels (bounded by the
+  // plan; never B x N). The caching allocator's blocks are 512-byte aligned.
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0)
+    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, queries.options().dtype(at::kByte));
   C10_CUDA_CHECK(acn::cuda::masked_topk(
       plan, queries.const_data_ptr(), bank.const_data_ptr(),
       mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
       excl.defined() ? excl.const_data_ptr<int64_t>() : nullptr, dists.data_ptr(),
-      indices.data_ptr<int64_t>(), part_d.defined() ? part_d.data_ptr() : nullptr,
-      part_i.defined() ? part_i.data_ptr<int64_t>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+      indices.data_ptr<int64_t>(), workspace.defined() ? workspace.data_ptr() : nullptr,
+      c10::cuda::getCurrentCUDAStream()));
   return {dists, indices};
 }
 
