@@ -138,3 +138,35 @@ def check_masked_topk(
     if exclude_index is not None:
         check_exclude_index(exclude_index, b, n, queries.device, values=values)
     return k
+
+
+def _check_pair(t: object, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` is a floating tensor with ``ref``'s shape, dtype and device."""
+    check_float(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    _check_like(t, name, ref, ref_name)
+
+
+def check_one_gaussian(mean: object, log_scale: object) -> None:
+    """mean, log_scale [B, D], one floating dtype and device (as_mixture)."""
+    check_float(mean, "mean")
+    if mean.dim() != 2:
+        raise ValueError(f"mean must have shape [B, D], got {tuple(mean.shape)}")
+    _check_pair(log_scale, "log_scale", mean, "mean")
+
+
+def check_gaussian_kl(code: object, prior_mean: object, prior_log_scale: object, posterior_log_scale: object) -> None:
+    """code [B, D]; prior_mean, prior_log_scale [B, D] or [B, D, 1]; posterior_log_scale [B, D] or
+    None; one floating dtype and device (gaussian_kl)."""
+    check_float(code, "code")
+    if code.dim() != 2:
+        raise ValueError(f"code must have shape [B, D], got {tuple(code.shape)}")
+    check_float(prior_mean, "prior_mean")
+    if prior_mean.shape not in (code.shape, (*code.shape, 1)):
+        raise ValueError(f"prior_mean must have shape [B, D] or [B, D, 1] (one Gaussian per dimension) with "
+                         f"[B, D] = {list(code.shape)}, got {tuple(prior_mean.shape)}")
+    _check_like(prior_mean, "prior_mean", code, "code")
+    _check_pair(prior_log_scale, "prior_log_scale", prior_mean, "prior_mean")
+    if posterior_log_scale is not None:
+        _check_pair(posterior_log_scale, "posterior_log_scale", code, "code")
