@@ -474,3 +474,25 @@ def test_indexed_dataset_with_a_dataloader():
         IndexedDataset(Stream())
     with pytest.raises(TypeError, match="map-style"):
         IndexedDataset(5)
+
+
+def test_port_example_trains_without_overrunning_a_pass():
+    """python/port_example.py (docs/acn.md, "Porting an existing ACN codebase"): two passes of the
+    port, every pass closed by new_pass (a PassOverrunWarning fails the test), finite results;
+    and one step of the original it was ported from."""
+    import importlib.util
+    import pathlib
+    import warnings
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "python" / "port_example.py"
+    spec = importlib.util.spec_from_file_location("port_example", path)
+    port = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(port)
+    from acn_kernels.acn import PassOverrunWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=PassOverrunWarning)
+        out = port.main(["--epochs", "2"])
+    assert all(np.isfinite(v) for v in out.values()) and out["test_kl"] > 0
+    original = port.main(["--original", "--steps", "1"])
+    assert all(np.isfinite(v) for v in original.values())
