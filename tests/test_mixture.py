@@ -440,3 +440,131 @@ def test_gaussian_bad_input(call, exc, pattern):
     c, m, s = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)
     with pytest.raises(exc, match=pattern):
         call(c, m, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: acn_kl with a posterior log-scale, q = N(code, diag(exp(2 posterior_log_scale)))
+
+
+def posterior_inputs(b, d, m, *, dtype, device, seed, offset=0.0, pls_lo=-2.0, pls_hi=2.0):
+    """make_inputs shifted by ``offset`` (z, code and the means alike) plus a posterior log-scale,
+    with z a draw from q."""
+    z, lg, mu, ls, code = make_inputs(b, d, m, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pls = torch.empty(b, d, dtype=torch.float64).uniform_(pls_lo, pls_hi, generator=g)
+    z = code + pls.exp() * torch.randn(b, d, generator=g, dtype=torch.float64)
+    z, mu, code = z + offset, mu + offset, code + offset
+    return [t.to(dtype=dtype, device=device) for t in (z, code, lg, mu, ls, pls)]
+
+
+def posterior_oracle(z, code, lg, mu, ls, pls):
+    """torch.distributions: Normal(code, exp(pls)) against MixtureSameFamily, summed over D."""
+    return torch.distributions.Normal(code, pls.exp()).log_prob(z).sum(-1) - msf_log_prob(z, lg, mu, ls)
+
+
+def _kl_with_scale(backend):
+    return lambda z, code, lg, mu, ls, pls: acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=pls,
+                                                               backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "far", "scales"])
+def test_posterior_log_scale_vs_reference(backend, device, case):
+    """Forward and all six gradients against the float64 reference, with poisoned outputs; far
+    from the origin (1e3) and at huge and tiny posterior scales (log-scales in [-8, 8])."""
+    offset, lo, hi = {"plain": (0.0, -2.0, 2.0), "far": (1e3, -2.0, 2.0), "scales": (0.0, -8.0, 8.0)}[case]
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    for dt in sorted({dtype, torch.float32}, key=str):
+        inputs = posterior_inputs(5, 19, 3, dtype=dt, device=device, seed=7, offset=offset, pls_lo=lo, pls_hi=hi)
+        with poisoned_outputs():
+            got, got_g = run_grads(_kl_with_scale(backend), inputs)
+        want, want_g = run_grads(reference.acn_kl, [t.double().cpu() for t in inputs])
+        assert got.dtype == reference.acc_dtype(dt) and got.shape == (5,)
+        t = tol(dt)
+        # Terms of size up to exp(16) * z^2: compare relative to each result's magnitude.
+        torch.testing.assert_close(got.cpu().double(), want, rtol=t["rtol"] * 10,
+                                   atol=t["atol"] * (want.abs().max().item() + 1))
+        for g_, w in zip(got_g, want_g, strict=True):
+            torch.testing.assert_close(g_.cpu().double(), w, rtol=t["rtol"] * 10,
+                                       atol=t["atol"] * (w.abs().max().item() + 1))
+
+
+def test_posterior_log_scale_matches_torch_distributions():
+    inputs = posterior_inputs(6, 11, 4, dtype=torch.float64, device="cpu", seed=3)
+    for backend, _ in [p.values for p in BACKENDS if p.values[1] == "cpu" and p.values[0] != "triton"]:
+        got = acn_kernels.acn_kl(*inputs[:5], posterior_log_scale=inputs[5], backend=backend)
+        torch.testing.assert_close(got, posterior_oracle(*inputs), rtol=1e-10, atol=1e-10)
+    # Its gradients agree with autograd through torch.distributions (the reference's are tested
+    # against the kernels above).
+    _, want_g = run_grads(posterior_oracle, inputs)
+    _, got_g = run_grads(_kl_with_scale("torch"), inputs)
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_posterior_log_scale_is_the_unit_posterior(backend, device):
+    dt = torch.float32
+    z, code, lg, mu, ls, _ = posterior_inputs(4, 9, 2, dtype=dt, device=device, seed=5)
+    plain, plain_g = run_grads(lambda *t: acn_kernels.acn_kl(*t, backend=backend), [z, code, lg, mu, ls])
+    zero = torch.zeros_like(z)
+    scaled, scaled_g = run_grads(_kl_with_scale(backend), [z, code, lg, mu, ls, zero])
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-5)
+    for g_, w in zip(scaled_g[:5], plain_g, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-6)
+    # d KL / d log s_q = v^2 - 1 per dimension, v = z - code at log s_q = 0 (times run_grads' g).
+    v = (z - code).double()
+    g = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    torch.testing.assert_close(scaled_g[5].double(), (v * v - 1) * g[:, None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_posterior_log_scale_gradcheck_float64(backend):
+    if backend == "cpu" and not acn_kernels.backends()["cpu"]:
+        pytest.skip("no compiled extension")
+    leaves = [t.requires_grad_() for t in posterior_inputs(3, 4, 3, dtype=torch.float64, device="cpu", seed=2)]
+    assert torch.autograd.gradcheck(_kl_with_scale(backend), leaves)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_posterior_log_scale_low_precision(backend, device, dtype):
+    inputs = posterior_inputs(5, 23, 3, dtype=dtype, device=device, seed=11)
+    with poisoned_outputs():
+        got, got_g = run_grads(_kl_with_scale(backend), inputs)
+    want, want_g = run_grads(reference.acn_kl, [t.double().cpu() for t in inputs])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3, atol=1e-2)
+    for g_, w in zip(got_g, want_g, strict=True):
+        assert g_.dtype == dtype
+        torch.testing.assert_close(g_.cpu().double(), w, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_posterior_log_scale_nan_and_bad_input(backend, device):
+    z, code, lg, mu, ls, pls = posterior_inputs(3, 4, 2, dtype=torch.float32, device=device, seed=1)
+    pls[1, 2] = math.nan
+    out = acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=pls, backend=backend).cpu()
+    assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    for bad, exc, pattern in [(pls[:2], ValueError, "posterior_log_scale has shape"),
+                              (pls.double(), TypeError, "posterior_log_scale has dtype"),
+                              (pls.long(), TypeError, "posterior_log_scale must be a floating-point"),
+                              (pls.to("meta"), ValueError, "posterior_log_scale is on meta"),
+                              (0.5, TypeError, "posterior_log_scale must be a torch.Tensor")]:
+        with pytest.raises(exc, match=pattern):
+            acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_posterior_log_scale_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    fn = _kl_with_scale(backend)
+    compiled = torch.compile(lambda *t: fn(*t).sum(), fullgraph=True)
+    inputs = [t.requires_grad_() for t in posterior_inputs(5, 9, 3, dtype=torch.float32, device=device, seed=4)]
+    got = compiled(*inputs)
+    got_g = torch.autograd.grad(got, inputs)
+    want = fn(*inputs).sum()
+    want_g = torch.autograd.grad(want, inputs)
+    torch.testing.assert_close(got, want)
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_, w)

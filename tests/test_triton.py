@@ -641,3 +641,37 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
                          timeout=540)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: acn_kl with a posterior log-scale; one Gaussian as an M = 1 mixture
+
+
+@pytest.mark.parametrize("b,d,m", [(1, 1, 1), (6, 11, 4), (9, 67, 16), (40, 3, 1)])
+def test_acn_kl_posterior_log_scale_vs_reference(b, d, m):
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=b + d + m)
+    g = torch.Generator().manual_seed(b * d)
+    pls = torch.empty(b, d, dtype=torch.float64).uniform_(-6.0, 6.0, generator=g).to(dtype=torch.float32,
+                                                                                       device=DEVICE)
+    inputs = [z, code, lg, mu, ls, pls]
+
+    def tri(*t):
+        return acn_kernels.acn_kl(*t[:5], posterior_log_scale=t[5], backend=BE)
+
+    with poisoned_outputs():
+        out, grads = value_and_grads(tri, inputs)
+    want, want_grads = value_and_grads(reference.acn_kl, f64(inputs))
+    assert out.dtype == torch.float32 and out.shape == (b,)
+    assert_close_f64(out, want, 1e-4, 1e-4 * (want.abs().max().item() + 1))
+    for got, w in zip(grads, want_grads, strict=True):
+        assert_close_f64(got, w, 1e-3, 1e-4 * (w.abs().max().item() + 1))
+
+
+def test_as_mixture_on_triton_is_one_gaussian():
+    z, _, mu, ls, code = mixture_inputs(7, 13, 1, seed=3)
+    mean, log_scale = mu[..., 0].contiguous(), ls[..., 0].contiguous()
+    got = acn_kernels.acn_kl(z, code, *acn_kernels.as_mixture(mean, log_scale), backend=BE)
+    zz, cc, mm, ss = f64([z, code, mean, log_scale])
+    normal = torch.distributions.Normal
+    want = (normal(cc, 1.0).log_prob(zz) - normal(mm, ss.exp()).log_prob(zz)).sum(-1)
+    assert_close_f64(got, want, 1e-5, 1e-4)
