@@ -39,11 +39,27 @@ def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) ->
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def _check_pair(t: object, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` is a floating tensor with ``ref``'s shape, dtype and device."""
+    check_float(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    _check_like(t, name, ref, ref_name)
+
+
 def check_mixture(
-    z: object, logits: object, means: object, log_scales: object, code: object = None, *, need_code: bool = False
+    z: object,
+    logits: object,
+    means: object,
+    log_scales: object,
+    code: object = None,
+    *,
+    need_code: bool = False,
+    posterior_log_scale: object = None,
 ) -> None:
     """z [B, D]; logits, means, log_scales [B, D, M] with M >= 1; code [B, D] (required when
-    ``need_code``, i.e. for acn_kl); one floating dtype and one device for all."""
+    ``need_code``, i.e. for acn_kl); posterior_log_scale [B, D] or None (only with code); one
+    floating dtype and one device for all."""
     check_float(z, "z")
     if z.dim() != 2:
         raise ValueError(f"z must have shape [B, D], got {tuple(z.shape)}")
@@ -62,13 +78,15 @@ def check_mixture(
             raise ValueError(f"{name} has {t.shape[2]} components but logits has {m}")
         _check_like(t, name, z, "z")
     if code is None:
-        if need_code:
+        if need_code or posterior_log_scale is not None:
             raise TypeError("code must be a [B, D] tensor (the posterior mean), got None")
         return
     check_float(code, "code")
     if code.shape != z.shape:
         raise ValueError(f"code has shape {tuple(code.shape)} but z has shape {tuple(z.shape)}")
     _check_like(code, "code", z, "z")
+    if posterior_log_scale is not None:
+        _check_pair(posterior_log_scale, "posterior_log_scale", z, "z")
 
 
 def check_int(value: object, name: str) -> int:
@@ -191,3 +209,27 @@ def check_resolve_neighbours(candidates: object, index: object, uniforms: object
         if fallback.device != candidates.device:
             raise ValueError(f"fallback is on {fallback.device} but candidates is on {candidates.device}")
     return k
+
+
+def check_one_gaussian(mean: object, log_scale: object) -> None:
+    """mean, log_scale [B, D], one floating dtype and device (as_mixture)."""
+    check_float(mean, "mean")
+    if mean.dim() != 2:
+        raise ValueError(f"mean must have shape [B, D], got {tuple(mean.shape)}")
+    _check_pair(log_scale, "log_scale", mean, "mean")
+
+
+def check_gaussian_kl(code: object, prior_mean: object, prior_log_scale: object, posterior_log_scale: object) -> None:
+    """code [B, D]; prior_mean, prior_log_scale [B, D] or [B, D, 1]; posterior_log_scale [B, D] or
+    None; one floating dtype and device (gaussian_kl)."""
+    check_float(code, "code")
+    if code.dim() != 2:
+        raise ValueError(f"code must have shape [B, D], got {tuple(code.shape)}")
+    check_float(prior_mean, "prior_mean")
+    if prior_mean.shape not in (code.shape, (*code.shape, 1)):
+        raise ValueError(f"prior_mean must have shape [B, D] or [B, D, 1] (one Gaussian per dimension) with "
+                         f"[B, D] = {list(code.shape)}, got {tuple(prior_mean.shape)}")
+    _check_like(prior_mean, "prior_mean", code, "code")
+    _check_pair(prior_log_scale, "prior_log_scale", prior_mean, "prior_mean")
+    if posterior_log_scale is not None:
+        _check_pair(posterior_log_scale, "posterior_log_scale", code, "code")

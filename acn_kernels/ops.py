@@ -79,15 +79,24 @@ def acn_kl(
     means: torch.Tensor,
     log_scales: torch.Tensor,
     *,
+    posterior_log_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The ACN KL estimate log N(z; code, I) - log p(z | logits, means, log_scales), [B].
+    """The one-sample ACN KL estimate log q(z) - log p(z | logits, means, log_scales), [B].
 
-    z, code [B, D]; the mixture parameters [B, D, M], as in :func:`mixture_log_prob`. Fused in one
-    kernel on the compiled backends; differentiable in all five inputs.
+    z, code [B, D]; the mixture parameters [B, D, M], as in :func:`mixture_log_prob`. q is
+    N(code, I), or with ``posterior_log_scale`` [B, D] the diagonal Gaussian
+    N(code, diag(exp(2 posterior_log_scale))). Its expectation over z ~ q is KL(q || p); at a
+    fixed z (z = code in evaluation) it is not the KL (docs/design.md; :func:`gaussian_kl` is the
+    closed form for M = 1). Differentiable in every input. Without ``posterior_log_scale`` fused
+    in one kernel on the compiled backends; with it, log p is the fused kernel and log q, an
+    elementwise term, plain PyTorch.
     """
-    check_mixture(z, logits, means, log_scales, code, need_code=True)
-    return _mixture(z, code, logits, means, log_scales, False, backend)
+    check_mixture(z, logits, means, log_scales, code, need_code=True, posterior_log_scale=posterior_log_scale)
+    if posterior_log_scale is None:
+        return _mixture(z, code, logits, means, log_scales, False, backend)
+    log_q = reference.gaussian_log_prob(z, code, posterior_log_scale)
+    return log_q - _mixture(z, None, logits, means, log_scales, False, backend)
 
 
 def masked_topk(

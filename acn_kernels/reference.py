@@ -65,18 +65,30 @@ def mixture_log_prob(
     return lp if per_dim else lp.sum(-1)
 
 
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_d log N(z_d; mean_d, exp(log_scale_d)^2) [B] in the accumulation dtype; unit scales when
+    ``log_scale`` is None. z, mean (, log_scale) [B, D]."""
+    dt = acc_dtype(z.dtype)
+    e = z.to(dt) - mean.to(dt)
+    if log_scale is None:
+        return (-0.5 * e * e - HALF_LOG_2PI).sum(-1)
+    ls = log_scale.to(dt)
+    # e * exp(-ls), not e / exp(ls): a tiny scale overflows v to inf (log q -> -inf), no inf / inf.
+    v = e * torch.exp(-ls)
+    return (-0.5 * v * v - ls - HALF_LOG_2PI).sum(-1)
+
+
 def acn_kl(
     z: torch.Tensor,
     code: torch.Tensor,
     logits: torch.Tensor,
     means: torch.Tensor,
     log_scales: torch.Tensor,
+    posterior_log_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL estimate log N(z; code, I) - log p(z | prior), [B]."""
-    dt = acc_dtype(z.dtype)
-    e = z.to(dt) - code.to(dt)
-    log_q = (-0.5 * e * e - HALF_LOG_2PI).sum(-1)
-    return log_q - mixture_log_prob(z, logits, means, log_scales)
+    """KL estimate log q(z) - log p(z | prior), [B]; q = N(code, I), or N(code, diag(exp(2
+    posterior_log_scale))) when given."""
+    return gaussian_log_prob(z, code, posterior_log_scale) - mixture_log_prob(z, logits, means, log_scales)
 
 
 def sq_dist(diff: torch.Tensor) -> torch.Tensor:

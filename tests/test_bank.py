@@ -4,6 +4,7 @@ counter-based RNG it draws from."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -623,3 +624,222 @@ def test_gpu_step_in_a_cuda_graph():
         assert torch.equal(static_rows, want)
     assert torch.equal(model.bank.used, eager_model.bank.used)
     torch.testing.assert_close(model.bank.codes, eager_model.bank.codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13: a real drop-in (write and pick apart, from_codes, bare-code checkpoints, the pass
+# overrun warning, one naming, index-less data sets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("max_search_k", "headroom"), [(MAX_K, None), (6, 0)])
+def test_update_then_pick_equals_neighbours(device, max_search_k, headroom):
+    """Writing in one place and picking in another resolves exactly as the one call, over passes
+    that end in the fallback, with chunking and repeated searches."""
+    n, d, k, batch = 41, 3, 3, 9
+    gen = torch.Generator().manual_seed(13)
+    a, b = twin_banks(n, d, k, seed=4, device=device, max_search_k=max_search_k, headroom=headroom)
+    b.max_search_k, b.headroom = a.max_search_k, a.headroom
+    for _ in range(2):
+        order = torch.randperm(n, generator=gen).to(device)
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            codes = torch.randint(-2, 3, (idx.numel(), d), generator=gen).float().to(device)
+            want = a.neighbours(idx, codes)
+            b.update(idx, codes)
+            got = b.pick(idx)
+            assert torch.equal(got.indices, want.indices) and torch.equal(got.codes, want.codes)
+            assert_same_state(snapshot(a), snapshot(b))
+        a.new_pass()
+        b.new_pass()
+    # The end-of-pass fallback: every row but the query's own is used.
+    for bank in (a, b):
+        bank.used.fill_(True)
+        bank.used[17] = False
+    own = torch.tensor([17], device=device)
+    want = a.neighbours(own, a.codes[own])
+    got = b.pick(own)
+    assert torch.equal(got.indices, want.indices) and a.fallbacks == b.fallbacks > 0
+    assert_same_state(snapshot(a), snapshot(b))
+
+
+def test_pick_uses_the_stored_codes():
+    """pick() queries with what the rows hold: rows never written use their initial codes, and
+    the pick is the design's one-query-at-a-time choice for them."""
+    a, b = twin_banks(30, 4, 3, seed=2, device="cpu")
+    idx = torch.tensor([7, 3, 21, 0])
+    got = a.pick(idx)
+    want = reference_neighbours(b, idx, b.codes[idx].clone())
+    assert torch.equal(got.indices, want.indices)
+    assert_same_state(snapshot(a), snapshot(b))
+
+
+def test_pick_errors_leave_the_bank_unchanged():
+    bank = CodeBank(10, 3)
+    bank.update(torch.tensor([5]), torch.tensor([[0.0, float("inf"), 1.0]]))
+    before = snapshot(bank)
+    with pytest.raises(ValueError, match="stored codes of index must be finite"):
+        bank.pick(torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="duplicate"):
+        bank.pick(torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="index values"):
+        bank.pick(torch.tensor([10]))
+    with pytest.raises(TypeError, match="int64"):
+        bank.pick(torch.tensor([1], dtype=torch.int32))
+    assert_same_state(before, snapshot(bank))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_codes(device):
+    old = torch.randn(25, 6, dtype=torch.float64, device=device)
+    bank = CodeBank.from_codes(old, k=4, seed=11, headroom=0)
+    assert (bank.num_codes, bank.code_dim, bank.k, bank.seed, bank.headroom) == (25, 6, 4, 11, 0)
+    assert bank.codes.dtype == torch.float32 and bank.codes.device == old.device
+    assert torch.equal(bank.codes, old.float()) and not bool(bank.used.any()) and bank.pass_index == 0
+    old.zero_()  # copied, not shared
+    assert bool(bank.codes.abs().sum() > 0)
+    # It picks like a bank that reached the same codes by update().
+    same = CodeBank(25, 6, k=4, seed=11, device=device)
+    same.update(torch.arange(25, device=device), bank.codes)
+    idx = torch.tensor([3, 9, 1], device=device)
+    assert torch.equal(bank.pick(idx).indices, same.pick(idx).indices)
+    for bad, err in [(torch.zeros(5), TypeError), (torch.zeros(5, 2, dtype=torch.int64), TypeError),
+                     (torch.zeros(1, 3), ValueError)]:
+        with pytest.raises(err, match="codes|num_codes"):
+            CodeBank.from_codes(bad)
+
+
+def test_bare_codes_state_dict_loads():
+    """An old checkpoint's bare {"codes": ...} loads: the codes replace the bank's; the used mask,
+    pass index, fallback count, K and seed the state lacks keep the bank's values. A state with
+    neither is still an error."""
+    bank = CodeBank(12, 3, k=2, seed=5)
+    bank.neighbours(torch.tensor([0, 4]), torch.randn(2, 3))
+    bank.new_pass()
+    bank.neighbours(torch.tensor([1]), torch.randn(1, 3))
+    before = snapshot(bank)
+    old = torch.randn(12, 3, dtype=torch.float64)
+    bank.load_state_dict({"codes": old})
+    after = snapshot(bank)
+    assert torch.equal(after.pop("codes"), old.float())
+    before.pop("codes")
+    assert_same_state(before, after)
+    used = torch.zeros(12, dtype=torch.bool)
+    used[3] = True
+    bank.load_state_dict({"codes": old, "used": used})
+    assert torch.equal(bank.used, used) and bank.pass_index == 1
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        bank.load_state_dict({"codes": torch.zeros(11, 3)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        bank.load_state_dict({})
+
+
+def test_old_model_checkpoint_without_bank_state_loads():
+    from acn_kernels.acn.models import build_model
+
+    model = build_model("acn", num_codes=20, code_dim=4, components=2)
+    state = {key: v for key, v in model.state_dict().items() if key not in ("bank.used", "bank._extra_state")}
+    state["bank.codes"] = torch.randn(20, 4)
+    fresh = build_model("acn", num_codes=20, code_dim=4, components=2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.bank.codes, state["bank.codes"])
+
+
+def test_forgotten_new_pass_warns_and_a_proper_pass_does_not():
+    import warnings
+
+    from acn_kernels.acn import PassOverrunWarning
+
+    gen = torch.Generator().manual_seed(1)
+    small = CodeBank(3, 2, k=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete passes, end-of-pass fallbacks included, never warn
+        for _ in range(12):
+            for i in torch.randperm(3, generator=gen):
+                small.neighbours(i.reshape(1), torch.randn(1, 2, generator=gen))
+            small.new_pass()
+    assert small.fallbacks >= 1
+    n = 16
+    bank = CodeBank(n, 2, k=3, seed=0)
+    order = torch.randperm(n, generator=gen)
+    for s in range(0, n, 5):
+        bank.neighbours(order[s : s + 5], torch.randn(order[s : s + 5].numel(), 2))
+    with pytest.warns(PassOverrunWarning, match=r"pass 0: 5 picks asked but only [01] of 16 rows"):
+        bank.neighbours(order[:5], torch.randn(5, 2))  # new_pass() forgotten
+    bank.update(order[:5], torch.randn(5, 2))
+    with pytest.warns(PassOverrunWarning, match="new_pass"):
+        bank.pick(order[:5])
+
+
+def test_one_naming_for_result_fields():
+    from acn_kernels.acn.models import build_model
+
+    bank = CodeBank(10, 2, k=2)
+    nb = bank.neighbours(torch.tensor([1, 2]), torch.randn(2, 2))
+    assert nb._fields == ("codes", "indices") and nb.rows is nb.indices
+    assert bank.search(torch.randn(3, 2))._fields == ("dists", "indices")
+    model = build_model("acn", num_codes=10, code_dim=2, components=1)
+    terms = model(torch.zeros(2, 1, 28, 28), torch.tensor([0, 5]))
+    assert terms.indices.shape == (2,) and terms.rows is terms.indices
+
+
+def test_search_returns_squared_distances():
+    bank = CodeBank.from_codes(torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]]), k=2)
+    res = bank.search(torch.tensor([[0.0, 0.0]]))
+    assert res.indices.tolist() == [[0, 2]]
+    res = bank.search(torch.tensor([[0.0, 0.0]]), 3)
+    assert res.dists.tolist() == [[0.0, 1.0, 25.0]]  # 25 = 5^2, not 5
+
+
+def test_indexed_dataset_with_a_dataloader():
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    from acn_kernels.acn import IndexedDataset
+
+    x, y = torch.randn(11, 3), torch.arange(11) * 10
+    pairs = IndexedDataset(TensorDataset(x, y))
+    assert len(pairs) == 11
+    seen = []
+    for idx, xb, yb in DataLoader(pairs, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        assert idx.dtype == torch.int64 and torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
+        seen.append(idx)
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(11))
+    # A bare-tensor item is kept whole; numpy integer indices work.
+    single = IndexedDataset(list(x))
+    i, item = single[np.int64(3)]
+    assert i == 3 and torch.equal(item, x[3])
+    # The bank takes the loader's index as is.
+    bank = CodeBank(11, 3, k=2)
+    idx, xb, _ = next(iter(DataLoader(pairs, batch_size=4)))
+    assert bank.neighbours(idx, xb).indices.shape == (4,)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from x
+
+    with pytest.raises(TypeError, match="IterableDataset"):
+        IndexedDataset(Stream())
+    with pytest.raises(TypeError, match="map-style"):
+        IndexedDataset(5)
+
+
+def test_port_example_trains_without_overrunning_a_pass():
+    """python/port_example.py (docs/acn.md, "Porting an existing ACN codebase"): two passes of the
+    port, every pass closed by new_pass (a PassOverrunWarning fails the test), finite results;
+    and one step of the original it was ported from."""
+    import importlib.util
+    import pathlib
+    import warnings
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "python" / "port_example.py"
+    spec = importlib.util.spec_from_file_location("port_example", path)
+    port = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(port)
+    from acn_kernels.acn import PassOverrunWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=PassOverrunWarning)
+        out = port.main(["--epochs", "2"])
+    assert all(np.isfinite(v) for v in out.values()) and out["test_kl"] > 0
+    original = port.main(["--original", "--steps", "1"])
+    assert all(np.isfinite(v) for v in original.values())

@@ -418,6 +418,8 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
                 torch.save({"search": search, "neighbours": neighbours, "codes": bank.codes,
                             "fallbacks": bank.fallbacks, "full_codes": bank.full_codes()},
                            f"{folder}/bank{case}_rank{rank}.pt")
+        elif scenario == "pick":
+            _pick_rank(rank, world, folder)
         elif scenario == "train":
             from acn_kernels.acn.checkpoint import CHECKPOINT, load_checkpoint
 
@@ -476,6 +478,51 @@ def _rank_main(scenario: str, rank: int, world: int, folder: str, extra: list[st
             bank.neighbours(idx, codes)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: write and pick apart, from_codes and bare-code states on a sharded bank
+
+PICK_CASE = (19, 3, 3, 6)  # N, D, K, global batch
+
+
+def _pick_rank(rank: int, world: int, folder: str) -> None:
+    from acn_kernels.acn.distributed import DistributedCodeBank
+
+    n, d, k, b = PICK_CASE
+    start = batch_codes(torch.arange(n), d, 7)
+    bank = DistributedCodeBank.from_codes(start, k, seed=3)
+    picks = []
+    for p, g in global_batches(n, b, 2):
+        if p != bank.pass_index:
+            bank.new_pass()
+        idx = torch.tensor_split(g, world)[rank]
+        bank.update(idx, batch_codes(idx, d, p))
+        nb = bank.pick(idx)
+        picks.append((nb.indices, nb.codes))
+    loaded = DistributedCodeBank(n, d, k, seed=3)
+    loaded.load_state_dict({"codes": start})  # a bare whole-bank tensor: this rank keeps its rows
+    torch.save({"picks": picks, "used": bank.used, "fallbacks": bank.fallbacks, "loaded": loaded.codes,
+                "rows": (bank.start, bank.end)}, f"{folder}/pick_rank{rank}.pt")
+
+
+def test_update_then_pick_on_a_sharded_bank_matches_one_process(tmp_path):
+    world = 2
+    assert_ok(launch("pick", world, tmp_path))
+    res = [torch.load(tmp_path / f"pick_rank{r}.pt") for r in range(world)]
+    n, d, k, b = PICK_CASE
+    start = batch_codes(torch.arange(n), d, 7)
+    bank = CodeBank.from_codes(start, k, seed=3)
+    for step, (p, g) in enumerate(global_batches(n, b, 2)):
+        if p != bank.pass_index:
+            bank.new_pass()
+        nb = bank.neighbours(g, batch_codes(g, d, p))
+        assert torch.equal(torch.cat([r["picks"][step][0] for r in res]), nb.indices), step
+        assert torch.equal(torch.cat([r["picks"][step][1] for r in res]), nb.codes), step
+    for r in res:
+        assert torch.equal(r["used"], bank.used) and r["fallbacks"] == bank.fallbacks
+        lo, hi = r["rows"]
+        assert torch.equal(r["loaded"], start[lo:hi])
 
 
 if __name__ == "__main__":

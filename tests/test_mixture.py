@@ -22,6 +22,7 @@ from testing import (
     MIXTURE_KINDS,
     RTOL,
     assert_close,
+    backend_params,
     check_mixture,
     f64,
     mixture_grad_scale,
@@ -485,3 +486,317 @@ def test_issue16_double_backward_raises_or_is_exact(backend, device):
             gz.square().sum().backward()
         return
     assert torch.autograd.gradgradcheck(lambda *t: acn_kernels.acn_kl(*t, backend="torch"), leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: one Gaussian per dimension (as_mixture) and its closed-form KL (gaussian_kl)
+
+
+BACKENDS = backend_params(include_torch=True, op=OP)
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """Absolute-and-relative tolerances of the Issue 13 checks, by the compared dtype."""
+    return {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4),
+            torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+
+
+def normal_kl_oracle(code, prior_mean, prior_log_scale, posterior_log_scale=None):
+    """torch.distributions' KL(N(code, s_q) || N(mean, s_p)) summed over D (float64 inputs)."""
+    s_q = torch.ones_like(code) if posterior_log_scale is None else posterior_log_scale.exp()
+    q = torch.distributions.Normal(code, s_q)
+    return torch.distributions.kl_divergence(q, torch.distributions.Normal(prior_mean, prior_log_scale.exp())).sum(-1)
+
+
+def mp_gaussian_kl(code, prior_mean, prior_log_scale, posterior_log_scale):
+    """The closed form in 60-digit arithmetic, from the inputs' exact binary values: [B] float64."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    out = []
+    for c, m, lp, lq in zip(*(t.double().tolist() for t in (code, prior_mean, prior_log_scale, posterior_log_scale)),
+                            strict=True):
+        total = mpmath.mpf(0)
+        for cd, md, lpd, lqd in zip(c, m, lp, lq, strict=True):
+            t = mpmath.mpf(lqd) - mpmath.mpf(lpd)
+            u = (mpmath.mpf(cd) - mpmath.mpf(md)) * mpmath.exp(-mpmath.mpf(lpd))
+            total += (mpmath.exp(2 * t) - 1 - 2 * t) / 2 + u * u / 2
+        out.append(float(total))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def gaussian_inputs(b, d, *, seed, offset=0.0, scale_lo=-3.0, scale_hi=3.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    code = torch.randn(b, d, generator=g, dtype=torch.float64) * 2 + offset
+    mean = torch.randn(b, d, generator=g, dtype=torch.float64) * 2 + offset
+    lp = torch.empty(b, d, dtype=torch.float64).uniform_(scale_lo, scale_hi, generator=g)
+    lq = torch.empty(b, d, dtype=torch.float64).uniform_(scale_lo, scale_hi, generator=g)
+    return [t.to(dtype) for t in (code, mean, lp, lq)]
+
+
+@pytest.mark.parametrize("offset,scale_lo,scale_hi", [(0.0, -3.0, 3.0), (1e4, -3.0, 3.0), (0.0, -20.0, 20.0)])
+def test_gaussian_kl_matches_torch_distributions(offset, scale_lo, scale_hi):
+    """float64 against torch.distributions, far from the origin and at huge and tiny scales;
+    float32 against the same values, relative to them; gradients against autograd of the
+    torch.distributions formula."""
+    code, mean, lp, lq = gaussian_inputs(6, 17, seed=3, offset=offset, scale_lo=scale_lo, scale_hi=scale_hi)
+    want = normal_kl_oracle(code, mean, lp, lq)
+    got = acn_kernels.gaussian_kl(code, mean, lp, posterior_log_scale=lq)
+    assert got.dtype == torch.float64 and got.shape == (6,)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(acn_kernels.gaussian_kl(code, mean, lp), normal_kl_oracle(code, mean, lp),
+                               rtol=1e-12, atol=0)
+    f32 = acn_kernels.gaussian_kl(*(t.float() for t in (code, mean, lp)), posterior_log_scale=lq.float())
+    want32 = normal_kl_oracle(*(t.float().double() for t in (code, mean, lp, lq)))
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), want32, rtol=1e-5, atol=0)
+    got_v, got_g = value_and_grads(lambda *t: acn_kernels.gaussian_kl(*t[:3], posterior_log_scale=t[3]),
+                             [code, mean, lp, lq])
+    want_v, want_g = value_and_grads(normal_kl_oracle, [code, mean, lp, lq])
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-9, atol=1e-9 * (w.abs().max().item() + 1))
+
+
+def test_gaussian_kl_near_equal_scales_keeps_its_digits():
+    """Where q and p nearly agree the KL is tiny, and the textbook form (ratio - 1 - log ratio)
+    cancels; gaussian_kl keeps the relative accuracy of the dtype (against 60-digit values)."""
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    lq = lp + torch.randn(4, 9, generator=g, dtype=torch.float64) * 1e-5
+    mean = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    code = mean.clone()  # no mean term: the scale term alone, of size ~1e-10
+    for dtype, rtol in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
+        args = [t.to(dtype) for t in (code, mean, lp, lq)]
+        want = mp_gaussian_kl(*args)
+        got = acn_kernels.gaussian_kl(*args[:3], posterior_log_scale=args[3])
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+    # The series/direct switch (|2t| = 1) is continuous to the dtype's precision.
+    lq = torch.tensor([[0.5 - 1e-12, 0.5 + 1e-12, -0.5 - 1e-12, -0.5 + 1e-12]], dtype=torch.float64)
+    zero = torch.zeros_like(lq)
+    torch.testing.assert_close(acn_kernels.gaussian_kl(zero, zero, zero, posterior_log_scale=lq),
+                               mp_gaussian_kl(zero, zero, zero, lq), rtol=1e-14, atol=0)
+
+
+def test_gaussian_kl_gradcheck_shapes_and_edges():
+    code, mean, lp, lq = (t.requires_grad_() for t in gaussian_inputs(3, 4, seed=1))
+    assert torch.autograd.gradcheck(
+        lambda *t: acn_kernels.gaussian_kl(*t[:3], posterior_log_scale=t[3]), [code, mean, lp, lq])
+    small = [t.detach().clone().requires_grad_() for t in (code, mean, lp)]
+    small[2] = (small[2] * 1e-4).detach().requires_grad_()  # the series branch
+    assert torch.autograd.gradcheck(lambda *t: acn_kernels.gaussian_kl(*t), small)
+    # [B, D, 1] prior parameters (an M = 1 mixture's) give the same value.
+    c, m, p = (t.detach() for t in (code, mean, lp))
+    torch.testing.assert_close(acn_kernels.gaussian_kl(c, m.unsqueeze(-1), p.unsqueeze(-1)),
+                               acn_kernels.gaussian_kl(c, m, p), rtol=0, atol=0)
+    # Half inputs accumulate in float32; an overflowing KL is +inf with a finite, huge gradient
+    # path nowhere NaN; NaN in gives NaN out.
+    h = acn_kernels.gaussian_kl(*(t.half() for t in (c, m, p)))
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h.double(), normal_kl_oracle(*(t.half().double() for t in (c, m, p))),
+                               rtol=1e-5, atol=0)
+    big = torch.tensor([[0.0]], requires_grad=True)
+    out = acn_kernels.gaussian_kl(big, torch.zeros(1, 1), torch.zeros(1, 1),
+                                  posterior_log_scale=torch.full((1, 1), 50.0))
+    assert out.item() == math.inf
+    out.backward()
+    assert not torch.isnan(big.grad).any()
+    nan = acn_kernels.gaussian_kl(torch.tensor([[math.nan, 0.0], [0.0, 0.0]]), torch.zeros(2, 2), torch.zeros(2, 2))
+    assert math.isnan(nan[0]) and nan[1].item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_sample_estimate_averages_to_gaussian_kl(backend, device):
+    """acn_kl over z ~ q averages to gaussian_kl (the estimator is unbiased); at z = code (the
+    evaluation habit) it is not the KL."""
+    n, d = 20000, 3
+    g = torch.Generator().manual_seed(4)
+    code = (torch.randn(1, d, generator=g, dtype=torch.float64) + 0.5).expand(n, d)
+    mean = torch.randn(1, d, generator=g, dtype=torch.float64).expand(n, d)
+    lp = torch.tensor([[0.3, -0.4, 0.1]], dtype=torch.float64).expand(n, d)
+    lq = torch.tensor([[-0.2, 0.2, 0.0]], dtype=torch.float64).expand(n, d)
+    z = code + lq.exp() * torch.randn(n, d, generator=g, dtype=torch.float64)
+    dt = torch.float32 if backend == "triton" else torch.float64
+    args = [t.contiguous().to(dtype=dt, device=device) for t in (z, code, mean, lp, lq)]
+    z_, code_, mean_, lp_, lq_ = args
+    est = acn_kernels.acn_kl(z_, code_, *acn_kernels.as_mixture(mean_, lp_), posterior_log_scale=lq_,
+                             backend=backend).double().cpu()
+    exact = acn_kernels.gaussian_kl(code[:1], mean[:1], lp[:1], posterior_log_scale=lq[:1]).item()
+    assert abs(est.mean().item() - exact) < 4 * est.std().item() / math.sqrt(n)
+    at_mode = acn_kernels.acn_kl(code_[:1], code_[:1], *acn_kernels.as_mixture(mean_[:1], lp_[:1]),
+                                 posterior_log_scale=lq_[:1], backend=backend).item()
+    assert abs(at_mode - exact) > 0.5
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_as_mixture_is_one_gaussian(backend, device):
+    """acn_kl over as_mixture(mean, log_scale) is log N(z; code, I) - log N(z; mean, s) per row,
+    forward and gradients to the Gaussian's mean and log-scale."""
+    code, mean, lp, _ = gaussian_inputs(5, 13, seed=8)
+    z = code + torch.randn(5, 13, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    logits, means, log_scales = acn_kernels.as_mixture(mean, lp)
+    assert logits.shape == means.shape == log_scales.shape == (5, 13, 1)
+    assert not logits.any() and means.data_ptr() == mean.data_ptr()
+    dt = torch.float32 if backend == "triton" else torch.float64
+
+    def fused(z, code, mean, lp):
+        return acn_kernels.acn_kl(z, code, *acn_kernels.as_mixture(mean, lp), backend=backend)
+
+    def oracle(z, code, mean, lp):
+        return (torch.distributions.Normal(code, 1.0).log_prob(z)
+                - torch.distributions.Normal(mean, lp.exp()).log_prob(z)).sum(-1)
+
+    with poisoned_outputs():
+        got, got_g = value_and_grads(fused, [t.to(dtype=dt, device=device) for t in (z, code, mean, lp)])
+    want, want_g = value_and_grads(oracle, [z, code, mean, lp])
+    t = tol(dt)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=t["rtol"], atol=t["atol"] * 13)
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_.cpu().double(), w, **t)
+
+
+@pytest.mark.parametrize(("call", "exc", "pattern"), [
+    (lambda c, m, s: acn_kernels.gaussian_kl(c[0], m, s), ValueError, r"code must have shape \[B, D\]"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m[:, :2], s), ValueError, "prior_mean must have shape"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m.unsqueeze(-1).expand(2, 3, 2), s), ValueError, "prior_mean"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m, s[:1]), ValueError, "prior_log_scale has shape"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m, s.double()), TypeError, "prior_log_scale has dtype"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m, s, posterior_log_scale=s[:1]), ValueError,
+     "posterior_log_scale has shape"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c.long(), m, s), TypeError, "code must be a floating-point"),
+    (lambda c, m, s: acn_kernels.gaussian_kl(c, m.to("meta"), s), ValueError, "prior_mean is on meta"),
+    (lambda c, m, s: acn_kernels.as_mixture(m[0], s), ValueError, r"mean must have shape \[B, D\]"),
+    (lambda c, m, s: acn_kernels.as_mixture(m, s[:, :1]), ValueError, "log_scale has shape"),
+    (lambda c, m, s: acn_kernels.as_mixture(m, 0.0), TypeError, "log_scale must be a torch.Tensor"),
+])
+def test_gaussian_bad_input(call, exc, pattern):
+    c, m, s = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(exc, match=pattern):
+        call(c, m, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: acn_kl with a posterior log-scale, q = N(code, diag(exp(2 posterior_log_scale)))
+
+
+def posterior_inputs(b, d, m, *, dtype, device, seed, offset=0.0, pls_lo=-2.0, pls_hi=2.0):
+    """make_inputs shifted by ``offset`` (z, code and the means alike) plus a posterior log-scale,
+    with z a draw from q."""
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    pls = torch.empty(b, d, dtype=torch.float64).uniform_(pls_lo, pls_hi, generator=g)
+    z = code + pls.exp() * torch.randn(b, d, generator=g, dtype=torch.float64)
+    z, mu, code = z + offset, mu + offset, code + offset
+    return [t.to(dtype=dtype, device=device) for t in (z, code, lg, mu, ls, pls)]
+
+
+def posterior_oracle(z, code, lg, mu, ls, pls):
+    """torch.distributions: Normal(code, exp(pls)) against MixtureSameFamily, summed over D."""
+    return torch.distributions.Normal(code, pls.exp()).log_prob(z).sum(-1) - msf_log_prob(z, lg, mu, ls)
+
+
+def _kl_with_scale(backend):
+    return lambda z, code, lg, mu, ls, pls: acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=pls,
+                                                               backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "far", "scales"])
+def test_posterior_log_scale_vs_reference(backend, device, case):
+    """Forward and all six gradients against the float64 reference, with poisoned outputs; far
+    from the origin (1e3) and at huge and tiny posterior scales (log-scales in [-8, 8])."""
+    offset, lo, hi = {"plain": (0.0, -2.0, 2.0), "far": (1e3, -2.0, 2.0), "scales": (0.0, -8.0, 8.0)}[case]
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    for dt in sorted({dtype, torch.float32}, key=str):
+        inputs = posterior_inputs(5, 19, 3, dtype=dt, device=device, seed=7, offset=offset, pls_lo=lo, pls_hi=hi)
+        with poisoned_outputs():
+            got, got_g = value_and_grads(_kl_with_scale(backend), inputs)
+        want, want_g = value_and_grads(reference.acn_kl, [t.double().cpu() for t in inputs])
+        assert got.dtype == reference.acc_dtype(dt) and got.shape == (5,)
+        t = tol(dt)
+        # Terms of size up to exp(16) * z^2: compare relative to each result's magnitude.
+        torch.testing.assert_close(got.cpu().double(), want, rtol=t["rtol"] * 10,
+                                   atol=t["atol"] * (want.abs().max().item() + 1))
+        for g_, w in zip(got_g, want_g, strict=True):
+            torch.testing.assert_close(g_.cpu().double(), w, rtol=t["rtol"] * 10,
+                                       atol=t["atol"] * (w.abs().max().item() + 1))
+
+
+def test_posterior_log_scale_matches_torch_distributions():
+    inputs = posterior_inputs(6, 11, 4, dtype=torch.float64, device="cpu", seed=3)
+    for backend, _ in [p.values for p in BACKENDS if p.values[1] == "cpu" and p.values[0] != "triton"]:
+        got = acn_kernels.acn_kl(*inputs[:5], posterior_log_scale=inputs[5], backend=backend)
+        torch.testing.assert_close(got, posterior_oracle(*inputs), rtol=1e-10, atol=1e-10)
+    # Its gradients agree with autograd through torch.distributions (the reference's are tested
+    # against the kernels above).
+    _, want_g = value_and_grads(posterior_oracle, inputs)
+    _, got_g = value_and_grads(_kl_with_scale("torch"), inputs)
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_posterior_log_scale_is_the_unit_posterior(backend, device):
+    dt = torch.float32
+    z, code, lg, mu, ls, _ = posterior_inputs(4, 9, 2, dtype=dt, device=device, seed=5)
+    plain, plain_g = value_and_grads(lambda *t: acn_kernels.acn_kl(*t, backend=backend), [z, code, lg, mu, ls])
+    zero = torch.zeros_like(z)
+    scaled, scaled_g = value_and_grads(_kl_with_scale(backend), [z, code, lg, mu, ls, zero])
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-5)
+    for g_, w in zip(scaled_g[:5], plain_g, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-6)
+    # d KL / d log s_q = v^2 - 1 per dimension, v = z - code at log s_q = 0 (times run_grads' g).
+    v = (z - code).double()
+    g = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    torch.testing.assert_close(scaled_g[5].double(), (v * v - 1) * g[:, None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_posterior_log_scale_gradcheck_float64(backend):
+    if backend == "cpu" and not acn_kernels.backends()["cpu"]:
+        pytest.skip("no compiled extension")
+    leaves = [t.requires_grad_() for t in posterior_inputs(3, 4, 3, dtype=torch.float64, device="cpu", seed=2)]
+    assert torch.autograd.gradcheck(_kl_with_scale(backend), leaves)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_posterior_log_scale_low_precision(backend, device, dtype):
+    inputs = posterior_inputs(5, 23, 3, dtype=dtype, device=device, seed=11)
+    with poisoned_outputs():
+        got, got_g = value_and_grads(_kl_with_scale(backend), inputs)
+    want, want_g = value_and_grads(reference.acn_kl, [t.double().cpu() for t in inputs])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-3, atol=1e-2)
+    for g_, w in zip(got_g, want_g, strict=True):
+        assert g_.dtype == dtype
+        torch.testing.assert_close(g_.cpu().double(), w, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_posterior_log_scale_nan_and_bad_input(backend, device):
+    z, code, lg, mu, ls, pls = posterior_inputs(3, 4, 2, dtype=torch.float32, device=device, seed=1)
+    pls[1, 2] = math.nan
+    out = acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=pls, backend=backend).cpu()
+    assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    for bad, exc, pattern in [(pls[:2], ValueError, "posterior_log_scale has shape"),
+                              (pls.double(), TypeError, "posterior_log_scale has dtype"),
+                              (pls.long(), TypeError, "posterior_log_scale must be a floating-point"),
+                              (pls.to("meta"), ValueError, "posterior_log_scale is on meta"),
+                              (0.5, TypeError, "posterior_log_scale must be a torch.Tensor")]:
+        with pytest.raises(exc, match=pattern):
+            acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_posterior_log_scale_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    fn = _kl_with_scale(backend)
+    compiled = torch.compile(lambda *t: fn(*t).sum(), fullgraph=True)
+    inputs = [t.requires_grad_() for t in posterior_inputs(5, 9, 3, dtype=torch.float32, device=device, seed=4)]
+    got = compiled(*inputs)
+    got_g = torch.autograd.grad(got, inputs)
+    want = fn(*inputs).sum()
+    want_g = torch.autograd.grad(want, inputs)
+    torch.testing.assert_close(got, want)
+    for g_, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g_, w)

@@ -24,16 +24,20 @@ from testing import (
     assert_topk_close,
     assert_topk_exact,
     check_mixture,
+    f64,
     grid_data,
     known_bug,
     mixture_inputs,
+    poisoned_outputs,
     ref_topk,
     run_topk,
     topk_inputs,
     topk_rtol,
+    value_and_grads,
 )
 
 import acn_kernels
+from acn_kernels import reference
 
 _AVAILABLE = acn_kernels.backends()["triton"]
 pytestmark = [
@@ -175,3 +179,41 @@ def test_issue16_large_logits_gpu_blocks(monkeypatch, scale):
         for kind in MIXTURE_KINDS:
             _, (ref, _) = check_mixture(kind, BE, [z, logits, mu, ls, code])
             assert ref.abs().min() > 1.0  # log p of the size of the terms, not cancelled to 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: acn_kl with a posterior log-scale; one Gaussian as an M = 1 mixture
+
+
+def assert_close_f64(got, want, rtol, atol):
+    torch.testing.assert_close(got.detach().cpu().double(), want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("b,d,m", [(1, 1, 1), (6, 11, 4), (9, 67, 16), (40, 3, 1)])
+def test_acn_kl_posterior_log_scale_vs_reference(b, d, m):
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=b + d + m)
+    g = torch.Generator().manual_seed(b * d)
+    pls = torch.empty(b, d, dtype=torch.float64).uniform_(-6.0, 6.0, generator=g).to(dtype=torch.float32,
+                                                                                       device=DEVICE)
+    inputs = [z, code, lg, mu, ls, pls]
+
+    def tri(*t):
+        return acn_kernels.acn_kl(*t[:5], posterior_log_scale=t[5], backend=BE)
+
+    with poisoned_outputs():
+        out, grads = value_and_grads(tri, inputs)
+    want, want_grads = value_and_grads(reference.acn_kl, f64(inputs))
+    assert out.dtype == torch.float32 and out.shape == (b,)
+    assert_close_f64(out, want, 1e-4, 1e-4 * (want.abs().max().item() + 1))
+    for got, w in zip(grads, want_grads, strict=True):
+        assert_close_f64(got, w, 1e-3, 1e-4 * (w.abs().max().item() + 1))
+
+
+def test_as_mixture_on_triton_is_one_gaussian():
+    z, _, mu, ls, code = mixture_inputs(7, 13, 1, seed=3)
+    mean, log_scale = mu[..., 0].contiguous(), ls[..., 0].contiguous()
+    got = acn_kernels.acn_kl(z, code, *acn_kernels.as_mixture(mean, log_scale), backend=BE)
+    zz, cc, mm, ss = f64([z, code, mean, log_scale])
+    normal = torch.distributions.Normal
+    want = (normal(cc, 1.0).log_prob(zz) - normal(mm, ss.exp()).log_prob(zz)).sum(-1)
+    assert_close_f64(got, want, 1e-5, 1e-4)

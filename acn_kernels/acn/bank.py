@@ -11,6 +11,7 @@ search every shard.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,11 +43,24 @@ def _type_name(x: object) -> str:
 
 
 class Neighbours(NamedTuple):
-    """Result of :meth:`CodeBank.neighbours`: codes [B, D] (the picked rows' stored codes, in the
-    bank's dtype, no gradient) and rows [B] int64 (which bank row each query picked)."""
+    """Result of :meth:`CodeBank.neighbours` and :meth:`CodeBank.pick`: codes [B, D] (the picked
+    rows' stored codes, in the bank's dtype, no gradient) and indices [B] int64 (which bank row
+    each query picked), named as :class:`~acn_kernels.MaskedTopK`'s ``indices``."""
 
     codes: torch.Tensor
-    rows: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """:attr:`indices` under its former name (kept for code written against it)."""
+        return self.indices
+
+
+class PassOverrunWarning(UserWarning):
+    """A batch asked for more picks than its pass has unused rows left: ``new_pass()`` was most
+    likely not called after the previous pass (or an example was picked for twice in one pass).
+    The picks beyond the pass fall back to ignoring the used mask, and without a new pass the
+    counter-based picks repeat those of the pass before."""
 
 
 class CodeBank(nn.Module):
@@ -161,6 +175,24 @@ class CodeBank(nn.Module):
         # The first deferred argument error: (bits, index min, index max); zeros when none.
         self.register_buffer("_deferred", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, k: int = 5, seed: int = 0, **options: Any) -> CodeBank:
+        """A bank holding existing codes [N, D] (floating point; e.g. an old checkpoint's bare
+        ``codes`` tensor or another codebase's code memory), on their device.
+
+        The codes are copied as float32 (the bank owns its rows); the used mask is empty and the
+        pass index 0. ``seed`` drives the picks and the eps draws (the initial codes it would
+        draw are replaced). ``options`` are the constructor's keywords (``max_search_k``,
+        ``headroom``, ``backend``; ``group`` for a sharded bank, which keeps its rows of ``codes``).
+        """
+        if not isinstance(codes, torch.Tensor) or not codes.is_floating_point() or codes.dim() != 2:
+            raise TypeError(f"codes must be a 2-D floating-point tensor [N, D], got "
+                            f"{getattr(codes, 'dtype', type(codes))} with shape "
+                            f"{tuple(getattr(codes, 'shape', ()))}")
+        bank = cls(codes.shape[0], codes.shape[1], k, seed, device=codes.device, **options)
+        bank.codes.copy_(codes.detach()[bank.start : bank.end])
+        return bank
+
     # ---------------------------------------------------------------------------------------
     # State
 
@@ -185,6 +217,12 @@ class CodeBank(nn.Module):
         self.seed = int(state["seed"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A state without the extra state is a bare code tensor (a checkpoint from before the
+        # bank had one, or another codebase's {"codes": ...}): entries it lacks (``used``, the
+        # pass index, fallback count, K and seed) keep this bank's values instead of failing.
+        if prefix + "codes" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict.setdefault(prefix + "used", self.used.clone())
+            state_dict[prefix + "_extra_state"] = self.get_extra_state()
         codes = state_dict.get(prefix + "codes")
         if isinstance(codes, torch.Tensor) and codes.is_floating_point() and not bool(torch.isfinite(codes).all()):
             raise ValueError(f"{prefix}codes holds NaN or inf: a bank never stores a non-finite code")
@@ -352,13 +390,28 @@ class CodeBank(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Public operations
 
+    def _warn_overrun(self, picks: int) -> None:
+        """Warn (:class:`PassOverrunWarning`) when ``picks`` exceed the unused rows of the pass.
+
+        In a pass that visits each example once, query j finds at most j rows used, so its batch
+        never asks for more picks than there are unused rows: this cannot warn at the legitimate
+        end-of-pass fallback. One host sync on GPU."""
+        left = self.num_codes - int(self.used.sum())
+        if picks > left:
+            warnings.warn(
+                f"CodeBank pass {self.pass_index}: {picks} picks asked but only {left} of {self.num_codes} "
+                "rows are unused in this pass; call new_pass() after each pass through the data (picks "
+                "beyond a pass ignore the used mask and repeat the previous pass's draws)",
+                PassOverrunWarning, stacklevel=3)
+
     @torch.no_grad()
     def update(self, index: torch.Tensor, codes: torch.Tensor) -> None:
         """Write fresh codes [B, D] (detached, cast to float32) into rows ``index`` [B] int64.
 
         The same checks as :meth:`neighbours`: a code that is NaN or inf once cast to the bank's
         dtype (a float64 value beyond float32's range included) raises ValueError, and nothing
-        is written."""
+        is written. Nothing else changes; :meth:`pick` later resolves neighbours for rows written
+        this way."""
         error = self._error(lambda: self._check(index, codes, finite=True))
         g_index, g_codes, _ = self._global_batch(error, index, codes)
         self._write(g_index, g_codes)
@@ -370,7 +423,9 @@ class CodeBank(nn.Module):
         """The k (default min(K, N)) nearest bank rows of each query [B, D], ignoring the used mask.
 
         Side-effect free: for evaluation and retrieval. ``exclude_index`` [B] int64 (or -1) skips
-        one row per query. Returns :class:`~acn_kernels.MaskedTopK` (dists [B, k], indices [B, k]).
+        one row per query. Returns :class:`~acn_kernels.MaskedTopK`: dists [B, k] float32, the
+        **squared** Euclidean distances (take ``.sqrt()`` for distances), and indices [B, k] int64,
+        the bank rows, ascending by (distance, row).
         """
         k = min(self.k, self.num_codes) if k is None else k
         error = self._error(lambda: self._check_search(codes, k, exclude_index))
@@ -389,9 +444,12 @@ class CodeBank(nn.Module):
                 once cast to float32 (else ValueError).
 
         Returns:
-            :class:`Neighbours` (codes [B, D] float32, rows [B] int64). The picked rows are marked
-            used. A call that raises leaves the bank as it was (on a CUDA bank a bad call may
-            raise later, see "Checks" in the class documentation, and changes nothing either).
+            :class:`Neighbours` (codes [B, D] float32, indices [B] int64). The picked rows are
+            marked used. A call that raises leaves the bank as it was (on a CUDA bank a bad call
+            may raise later, see "Checks" in the class documentation, and changes nothing either).
+            Warns (:class:`PassOverrunWarning`) when the batch asks for more picks than the pass
+            has unused rows (``new_pass()`` forgotten; not checked on a CUDA bank, which reads
+            nothing on the host). Equivalent to ``update(index, codes)`` then ``pick(index)``.
             Every other row being non-finite (only possible if ``codes`` was written directly: the
             bank's own writes refuse NaN and inf) leaves a query without a candidate: RuntimeError.
         """
@@ -405,6 +463,8 @@ class CodeBank(nn.Module):
 
         g_index, g_codes, mine = self._global_batch(self._error(check), index, codes)
         err = None
+        if not defer:
+            self._warn_overrun(g_index.shape[0])
         if defer:
             err = self._device_checks(g_index, g_codes)
             # A bad batch must not index out of range nor change the bank: its rows are clamped
@@ -421,6 +481,34 @@ class CodeBank(nn.Module):
         self._fallback_count += fallbacks
         if err is not None and self.capturable:
             self._deferred.copy_(torch.where(self._deferred[0] != 0, self._deferred, err))
+        return Neighbours(self._codes_of(rows)[mine], rows[mine])
+
+    @torch.no_grad()
+    def pick(self, index: torch.Tensor) -> Neighbours:
+        """Pick one neighbour per query in batch order for rows already written with :meth:`update`.
+
+        The second half of :meth:`neighbours`, for codebases that write codes in one place and
+        pick neighbours in another: the queries are the rows' *stored* codes (a row never
+        written is its initial code), resolved under the same rule, draws and used mask, so
+        ``update(index, codes); pick(index)`` equals ``neighbours(index, codes)``.
+
+        Args:
+            index: [B] int64, distinct rows in [0, N): the batch's examples.
+
+        Returns:
+            :class:`Neighbours` (codes [B, D] float32, indices [B] int64); the picked rows are
+            marked used. Raises (bank unchanged) if a stored code of ``index`` is not finite; warns
+            as :meth:`neighbours` when the pass is overrun.
+        """
+        error = self._error(lambda: self._check(index, None, finite=False))
+        g_index, _, mine = self._global_batch(error, index, None)
+        queries = self._codes_of(g_index)
+        if not bool(torch.isfinite(queries).all()):
+            raise ValueError("the stored codes of index must be finite (update() wrote a NaN or inf code)")
+        self._warn_overrun(g_index.shape[0])
+        rows, used, fallbacks = self._resolve(g_index, queries)
+        self.used.copy_(used)
+        self._fallback_count += fallbacks
         return Neighbours(self._codes_of(rows)[mine], rows[mine])
 
     # ---------------------------------------------------------------------------------------
@@ -519,4 +607,4 @@ def _take(used: torch.Tensor, taken: torch.Tensor) -> None:
     used |= hit[:-1]
 
 
-__all__ = ["CodeBank", "Neighbours", "initial_codes"]
+__all__ = ["CodeBank", "Neighbours", "PassOverrunWarning", "initial_codes"]

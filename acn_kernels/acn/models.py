@@ -24,13 +24,18 @@ from .prior import MixturePrior
 
 class LossTerms(NamedTuple):
     """Per-example loss terms [B] in nats (loss = kl + recon), plus the codes [B, D] and, for an
-    ACN, the neighbour rows [B] (None for the VAE)."""
+    ACN, the neighbours' bank rows ``indices`` [B] int64 (None for the VAE)."""
 
     loss: torch.Tensor
     kl: torch.Tensor
     recon: torch.Tensor
     code: torch.Tensor
-    rows: torch.Tensor | None
+    indices: torch.Tensor | None
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """:attr:`indices` under its former name (kept for code written against it)."""
+        return self.indices
 
 
 class ACN(nn.Module):
@@ -78,7 +83,7 @@ class ACN(nn.Module):
         code = self.encoder(x)
         nb = self.bank.neighbours(index, code)
         eps = rng.normal(self.bank.seed, rng.EPS, self.bank.pass_index, index, code.shape[1], code.dtype)
-        return self.terms(x, code, nb.codes.to(code.dtype), eps, nb.rows)
+        return self.terms(x, code, nb.codes.to(code.dtype), eps, nb.indices)
 
     @torch.no_grad()
     def daydream(self, x: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
