@@ -178,7 +178,8 @@ def test_issue16_large_logits_gpu_blocks(monkeypatch, scale):
                    lg * scale):
         for kind in MIXTURE_KINDS:
             _, (ref, _) = check_mixture(kind, BE, [z, logits, mu, ls, code])
-            assert ref.abs().min() > 1.0  # log p of the size of the terms, not cancelled to 0
+            if kind == "log_prob":  # a sum of 40 dimensions: far from 0, which the old kernels returned
+                assert ref.abs().min() > 1.0
 
 
 # ---------------------------------------------------------------------------------------------
