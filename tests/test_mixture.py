@@ -787,7 +787,7 @@ def test_posterior_log_scale_nan_and_bad_input(backend, device):
             acn_kernels.acn_kl(z, code, lg, mu, ls, posterior_log_scale=bad, backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("backend,device", backend_params(op=OP))
 def test_posterior_log_scale_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     fn = _kl_with_scale(backend)
