@@ -81,4 +81,6 @@ def test_nothing_imports_scripts():
     for path in [*ROOT.glob("acn_kernels/**/*.py"), *ROOT.glob("tests/**/*.py")]:
         text = path.read_text()
         assert not by_name.search(text), path
-        assert path.name == "test_scripts.py" or "spec_from_file_location" not in text, path
+        if path.name != "test_scripts.py" and "spec_from_file_location" in text:
+            # Loading by file path is for the runnable examples under python/ only.
+            assert not re.search(r"""["']scripts\b""", text), path
