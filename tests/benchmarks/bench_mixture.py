@@ -2,6 +2,11 @@
 torch.compile of the eager function (per shape, dynamic=False, after torch._dynamo.reset()), on
 conftest.DEVICE ("cpu", or "cuda" and "triton" on a GPU).
 
+On a GPU the grid is the issue's (B up to 65,536, D 16..64, M 3..10; GPU_SHAPES, GPU_FIXED first:
+the points of scripts/gpu_check.sh bench), timed with the CUDA-event clock (conftest.TIMER);
+each result carries its memory floor (conftest.record_floor: every input read once and every
+output written once, at the device's copy bandwidth).
+
 Run: pytest tests/benchmarks/bench_mixture.py --benchmark-enable --benchmark-json=out.json
 then: python scripts/bench_report.py out.json
 """
@@ -12,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, grid, synchronized
+from conftest import device_marks, gpu_grid, grid, record_floor
 from testing import mixture_inputs
 
 import acn_kernels
@@ -20,8 +25,13 @@ import acn_kernels
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 # (B, D, M); the first is the smoke point, (1024, 32, 5) the headline.
-SHAPES = grid([(128, 16, 3), (1024, 32, 5), (128, 64, 10), (1024, 16, 3), (1024, 64, 10), (4096, 32, 5),
-               (4096, 64, 10), (4096, 16, 3)])
+CPU_SHAPES = grid([(128, 16, 3), (1024, 32, 5), (128, 64, 10), (1024, 16, 3), (1024, 64, 10), (4096, 32, 5),
+                   (4096, 64, 10), (4096, 16, 3)])
+# GPU: (B, D, M, mode); GPU_FIXED is the goal shape (within 1.5x of the memory floor, fwd+bwd).
+GPU_FIXED = [(65_536, 64, 8, "fwd+bwd"), (65_536, 64, 8, "fwd")]
+GPU_SHAPES = gpu_grid([(s, mode) for s in [(4096, 16, 3), (65_536, 16, 3), (65_536, 32, 5), (65_536, 64, 10)]
+                       for mode in ("fwd", "fwd+bwd")], [((b, d, m), mode) for b, d, m, mode in GPU_FIXED])
+MODES = ("fwd", "fwd+bwd")
 
 
 def eager(z, logits, means, log_scales):
@@ -38,7 +48,12 @@ def msf(z, logits, means, log_scales):
 
 
 PEERS = {"eager": eager, "mixture_same_family": msf, "torch_compile": None}  # compiled per shape in the test
-IMPLS = (["acn_cuda", "acn_triton"] if DEVICE == "cuda" else ["acn_cpu"]) + list(PEERS)
+# torch_compile last at each GPU shape: scripts/gpu_check.sh times it in a second pass.
+CASES = [pytest.param("cpu", impl, mode, s, id="B{}-D{}-M{}-{}-{}".format(*s, mode, impl), marks=device_marks("cpu"))
+         for s in CPU_SHAPES for mode in MODES for impl in ["acn_cpu", *PEERS]]
+CASES += [pytest.param("cuda", impl, mode, s, id="B{}-D{}-M{}-{}-{}-cuda".format(*s, mode, impl),
+                       marks=device_marks("cuda"))
+          for s, mode in GPU_SHAPES for impl in ["acn_cuda", "acn_triton", *PEERS]]
 
 
 def implementation(impl: str):
@@ -53,21 +68,21 @@ def implementation(impl: str):
     return lambda *a: acn_kernels.mixture_log_prob(*a, backend=backend)
 
 
-def inputs(b, d, m, requires_grad):
-    """z, logits, means, log_scales (log-scales in [-1, 0]) on DEVICE."""
-    z, lg, mu, ls, _ = mixture_inputs(b, d, m, seed=0, device=DEVICE, log_scales=(-1.0, 0.0))
+def inputs(device, b, d, m, requires_grad):
+    """z, logits, means, log_scales (log-scales in [-1, 0]) on ``device``."""
+    z, lg, mu, ls, _ = mixture_inputs(b, d, m, seed=0, device=device, log_scales=(-1.0, 0.0))
     return [t.requires_grad_(requires_grad) for t in (z, lg, mu, ls)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-D{}-M{}".format(*s))
-def test_mixture(benchmark, device, impl, mode, shape):
+@pytest.mark.parametrize("device,impl,mode,shape", CASES)
+def test_mixture(benchmark, floors, device, impl, mode, shape):
     b, d, m = shape
     fn = implementation(impl)
-    args = inputs(b, d, m, mode == "fwd+bwd")
+    args = inputs(device, b, d, m, mode == "fwd+bwd")
     benchmark.group = f"mixture {mode} B={b} D={d} M={m} {device}"
     benchmark.extra_info.update(op="mixture", mode=mode, B=b, D=d, M=m, impl=impl, device=device)
+    once = 4 * (b * d + 3 * b * d * m) + 4 * b  # float32 inputs read once, the [B] result written once
+    record_floor(benchmark, floors, flops=0.0, matmul=None, nbytes=once if mode == "fwd" else 2 * once)
 
     if mode == "fwd":
         def step():
@@ -77,7 +92,6 @@ def test_mixture(benchmark, device, impl, mode, shape):
         def step():
             return torch.autograd.grad(fn(*args).sum(), args)
 
-    step = synchronized(step, device)
     step()  # warm-up (compiles torch.compile's graph, and the Triton kernels, outside the timing)
-    result = benchmark(step)
+    result = benchmark(step) if device == "cpu" else benchmark.pedantic(step, rounds=20, warmup_rounds=2, iterations=1)
     assert result is not None
