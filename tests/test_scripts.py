@@ -5,10 +5,12 @@ the program scripts/gpu_check.sh runs under compute-sanitizer."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import sanitize_driver
 import torch
@@ -84,3 +86,84 @@ def test_nothing_imports_scripts():
         if path.name != "test_scripts.py" and "spec_from_file_location" in text:
             # Loading by file path is for the runnable examples under python/ only.
             assert not re.search(r"""["']scripts\b""", text), path
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: the GPU check's budgets, its run without a GPU, the GPU benchmark report
+
+
+def test_gpu_check_stops_a_command_at_its_budget(tmp_path):
+    """A command that overruns its budget is interrupted, then killed if it ignores the interrupt,
+    and recorded as a timeout with its time; one that ends in time is recorded with its status."""
+    results, log = tmp_path / "results.md", tmp_path / "fake.log"
+    ignores_sigint = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                      "print('started', flush=True); time.sleep(120)")
+    t0 = time.monotonic()
+    out = _script("gpu_check.py", "run", str(results), "fake", "sleeper", "3", str(log), "--",
+                  sys.executable, "-c", ignores_sigint)
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr
+    assert took < 60  # not the command's 120 s
+    assert _script("gpu_check.py", "run", str(results), "fake", "quick", "30", str(log), "--",
+                   sys.executable, "-c", "raise SystemExit(3)").returncode == 1
+    assert _script("gpu_check.py", "run", str(results), "fake", "ok", "30", str(log), "--",
+                   sys.executable, "-c", "pass").returncode == 0
+    rows = results.read_text().splitlines()[2:]
+    assert re.fullmatch(r"\| fake \| sleeper \| timeout \| stopped at its budget after [0-9.]+ s of 3 s \|", rows[0])
+    assert float(rows[0].split("after ")[1].split(" s")[0]) < 3.5
+    assert rows[1].startswith("| fake | quick | FAIL | rc=3,") and rows[2].startswith("| fake | ok | pass | rc=0,")
+    assert "started" in log.read_text() and log.read_text().count("$ ") == 3  # each command and its output
+
+
+def test_gpu_check_all_without_a_gpu_skips_every_stage(tmp_path):
+    """`gpu_check.sh all` where torch sees no CUDA device: every stage recorded as skipped with the
+    reason, exit status 0, at most the eight files a device call returns."""
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "ACN_WHEELS": str(tmp_path / "none")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "all", str(out_dir)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = (out_dir / "results.md").read_text().splitlines()
+    for stage in ("build", "test", "sanitize", "bench"):
+        assert f"| {stage} | stage | skipped | no CUDA device is visible to torch |" in rows
+    assert any(r.startswith("| env | stack | info | Python ") for r in rows)
+    assert rows[-1].startswith("| all | total | done |")
+    assert len(list(out_dir.rglob("*"))) <= 8
+
+
+def test_gpu_check_rejects_an_unknown_budget(tmp_path):
+    env = {**os.environ, "ACN_GPU_CHECK_BUDGETS": "tests=10"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "all", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "unknown stage 'tests'" in out.stderr
+
+
+def _gpu_bench(impl, median, group="masked_topk B=4096 cuda", op="masked_topk", floor=0.001):
+    floors = {"device_name": "NVIDIA H200", "bf16_tflops": 790.0, "tf32_tflops": 400.0, "fp32_tflops": 50.0,
+              "copy_gbs": 4300.0}
+    return dict(group=group, name=f"test[{impl}]", params={}, stats={"median": median},
+                extra_info={"impl": impl, "op": op, "floor_s": floor, "floor": "tf32 matmul", "floors": floors})
+
+
+def test_bench_report_floors_and_gpu_winners(tmp_path):
+    """GPU results: the measured floors once, each median over its group's floor, and per op the
+    faster GPU backend (geometric mean over the points that timed both), from several files."""
+    a = [_gpu_bench("acn_cuda", 0.002), _gpu_bench("acn_triton", 0.004), _gpu_bench("torch", 0.020),
+         _gpu_bench("acn_cuda", 0.003, group="masked_topk B=128 cuda"),
+         _gpu_bench("acn_triton", 0.002, group="masked_topk B=128 cuda")]
+    b = [_gpu_bench("acn_cuda", 0.004, group="mixture cuda", op="mixture", floor=0.002),
+         _gpu_bench("acn_triton", 0.003, group="mixture cuda", op="mixture", floor=0.002)]
+    paths = []
+    for name, benches in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps({"benchmarks": benches, "machine_info": {}, "datetime": "today"}))
+        paths.append(str(tmp_path / name))
+    out = _script("bench_report.py", *paths)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(ln.startswith("floors measured on NVIDIA H200") and "TF32 matmul 400 TFLOP/s" in ln for ln in lines)
+    assert "floor 1.000 ms (tf32 matmul)" in lines
+    assert "| acn_cuda | 2.000 | 1.00x | 2.00x |" in lines and "| torch | 20.000 | 10.00x | 20.00x |" in lines
+    win = _script("bench_report.py", "--winners", *paths).stdout.splitlines()
+    # masked_topk: triton / cuda = 2 and 2/3, geomean 1.15 -> cuda; mixture: 0.75 -> triton.
+    assert win == ["masked_topk: cuda (faster at 1 of 2 points; geomean triton / cuda time 1.15x)",
+                   "mixture: triton (faster at 1 of 1 points; geomean triton / cuda time 0.75x)"]
