@@ -72,8 +72,8 @@ GPU_POINTS = gpu_grid([
     (4096, 1_000_000, 64, 128, 0.5, "bfloat16"),
     (4096, 1_000_000, 64, 128, 0.5, "float16"),
 ], GPU_FIXED)
-# torch_compile last at each point: scripts/gpu_check.sh times it in a second pass (its
-# compilation is the long part).
+# scripts/gpu_check.sh times pykeops and torch_compile in a second pass (their compilation on
+# first use is the long part).
 GPU_IMPLS = ["acn_cuda", "acn_triton", "torch", "torch_tf32", "torch_cdist", "pykeops", "torch_compile"]
 
 # The torch peers' distance block (B x chunk floats) stays under this many bytes.
