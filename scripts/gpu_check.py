@@ -137,21 +137,24 @@ def junit_row(results: str, stage: str, item: str, xml_path: str, timed_out: boo
 
 def run_budgeted(cmd: list[str], log: Path, seconds: float, env: dict[str, str] | None = None,
                  cwd: Path = ROOT) -> tuple[int, float, bool]:
-    """Run ``cmd`` (output to ``log``) for at most ``seconds``: SIGINT to its process group
-    ``grace`` seconds before the end (pytest then writes its junit and benchmark files), SIGKILL
-    at the end. Returns (exit status, seconds taken, whether it was stopped)."""
+    """Run ``cmd`` (output to ``log``) for at most ``seconds``: SIGINT ``grace`` seconds before the
+    end (pytest then writes its junit and benchmark files), SIGKILL to its whole process group at
+    the end. Returns (exit status, seconds taken, whether it was stopped)."""
     grace = min(GRACE, seconds / 4)
     t0 = time.monotonic()
     with log.open("ab") as out:
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        # SIGINT back to its default in the child: a shell's background job inherits it ignored,
+        # and Python would then never raise KeyboardInterrupt.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         stopped = False
         try:
             proc.wait(timeout=max(seconds - grace, 0.1))
         except subprocess.TimeoutExpired:
             stopped = True
-            os.killpg(proc.pid, signal.SIGINT)
+            proc.send_signal(signal.SIGINT)  # the leader only: pytest-xdist's controller stops its workers
             try:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -340,14 +343,32 @@ def stage_test(st: Stage, info: dict, py: str) -> int:
                             str(st.work / "junit_large.xml"), res[2])
     par = ["-n", "6"] if mods.get("xdist") else []  # Triton compiles on the CPUs, in parallel
     files = [f"tests/{p.name}" for p in sorted(ROOT.glob("tests/test_*.py")) if p.name != "test_cuda_sass.py"]
-    res = st.run("cuda + triton", [py, *args, *par, "--junitxml", str(st.work / "junit_gpu.xml"),
-                                   "-m", "cuda or triton", *files], "pytest_gpu.log",
-                 env={"ACN_REQUIRE_BACKENDS": "cuda,triton"})
+    xml = st.work / "junit_gpu.xml"
+    res = st.run("cuda + triton", [py, *args, *par, "--junitxml", str(xml), "-m", "cuda or triton", *files],
+                 "pytest_gpu.log")
     if res is not None:
         status |= junit_row(str(st.results), st.name,
-                            f"-m 'cuda or triton' ({res[1]:.0f} s; test_cuda_sass.py left to CI)",
-                            str(st.work / "junit_gpu.xml"), res[2])
+                            f"-m 'cuda or triton' ({res[1]:.0f} s; test_cuda_sass.py left to CI)", str(xml), res[2])
+        if xml.is_file():
+            # (ACN_REQUIRE_BACKENDS cannot see the tests under pytest-xdist: counted here instead.)
+            passed = backend_passes(xml)
+            none = [b for b, n in passed.items() if n == 0]
+            st.row("GPU parameters passed", "FAIL" if none and not res[2] else "info",
+                   ", ".join(f"{b}-cuda: {n}" for b, n in passed.items()))
+            status |= bool(none and not res[2])
     return status
+
+
+def backend_passes(xml_path: Path) -> dict[str, int]:
+    """Passed tests of a junit file whose parameters run backend "cuda" or "triton" on a GPU
+    (ids ``[...cuda-cuda...]``, ``[...triton-cuda...]``, testing.params)."""
+    counts = {"cuda": 0, "triton": 0}
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        if any(case.find(t) is not None for t in ("failure", "error", "skipped")):
+            continue
+        for b in counts:
+            counts[b] += f"{b}-cuda" in case.get("name", "")
+    return counts
 
 
 def find_sanitizer() -> str | None:

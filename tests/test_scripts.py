@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,24 @@ def test_gpu_check_stops_a_command_at_its_budget(tmp_path):
     assert float(rows[0].split("after ")[1].split(" s")[0]) < 3.5
     assert rows[1].startswith("| fake | quick | FAIL | rc=3,") and rows[2].startswith("| fake | ok | pass | rc=0,")
     assert "started" in log.read_text() and log.read_text().count("$ ") == 3  # each command and its output
+
+
+def test_gpu_check_interrupted_pytest_still_reports(tmp_path):
+    """A pytest run stopped at its budget (SIGINT first, even where the caller ignores SIGINT, as
+    a shell's background job does) still writes its junit file: the counts of what ran."""
+    (tmp_path / "test_fake.py").write_text("import time\n\ndef test_a():\n    pass\n\n"
+                                           "def test_b():\n    time.sleep(300)\n")
+    results, xml = tmp_path / "results.md", tmp_path / "j.xml"
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "run", str(results), "fake", "pytest", "40",
+           str(tmp_path / "log"), "--", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=", "--rootdir", str(tmp_path), "--junitxml", str(xml), str(tmp_path / "test_fake.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 1, out.stderr
+    assert "| fake | pytest | timeout | stopped at its budget after" in results.read_text()
+    assert "KeyboardInterrupt" in (tmp_path / "log").read_text()
+    assert _script("gpu_check.py", "junit", str(results), "fake", "counts", str(xml)).returncode == 0
+    assert results.read_text().splitlines()[-1] == "| fake | counts | pass | 1 passed, 0 failed, 0 errors, 0 skipped |"
 
 
 def test_gpu_check_all_without_a_gpu_skips_every_stage(tmp_path):
