@@ -58,9 +58,10 @@ GPU_DEFAULT = {"masked_topk": "cuda", "mixture": "triton", "resolve_neighbours":
 which Triton does not take). Not measured yet: chosen from the static estimates (docs/design.md,
 "The GPU check"; BENCHMARKS.md, GPU section). masked_topk: the CUDA kernel's tensor-core path is
 estimated at 1.2-4.6x of the TF32 floor, and the Triton kernel's distances are not yet the
-direct form (testing.KNOWN_BUGS). mixture: the Triton kernels read [B, D, M] in tiles contiguous
-along (d, m), the CUDA kernel with a stride of M per lane (1.5-2.5x the memory floor).
-resolve_neighbours: CUDA only. scripts/gpu_check.sh bench prints the faster backend per op."""
+direct form (testing.KNOWN_BUGS). mixture: both kernels read [B, D, M] coalesced and are
+estimated near the memory floor; the Triton kernels' semantics are checked under the interpreter,
+the CUDA kernels have never run. resolve_neighbours: CUDA only. scripts/gpu_check.sh bench prints
+the faster backend per op."""
 
 
 @functools.cache
