@@ -100,15 +100,21 @@ def junit_counts(xml_path: str | os.PathLike) -> dict[str, object]:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     c = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     failing = []
+    reasons: dict[str, int] = {}
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
             failing.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+        skip = case.find("skipped")
+        if skip is not None:
+            why = " ".join(skip.get("message", "").split())[:120]
+            reasons[why] = reasons.get(why, 0) + 1
     return {
         "passed": c["tests"] - c["failures"] - c["errors"] - c["skipped"],
         "failed": c["failures"],
         "errors": c["errors"],
         "skipped": c["skipped"],
         "failing": failing,
+        "skip_reasons": sorted(reasons.items(), key=lambda kv: -kv[1]),
     }
 
 
@@ -123,6 +129,8 @@ def junit_row(results: str, stage: str, item: str, xml_path: str, timed_out: boo
     numbers = f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
     if c["failing"]:
         numbers += "; first failing: " + ", ".join(c["failing"][:8])
+    if c["skip_reasons"]:
+        numbers += "; skipped: " + "; ".join(f"{why} ({k})" for why, k in c["skip_reasons"][:4])
     result = "FAIL" if bad else "pass"
     if timed_out:
         result += ", stopped at budget"

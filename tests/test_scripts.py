@@ -134,6 +134,21 @@ def test_gpu_check_interrupted_pytest_still_reports(tmp_path):
     assert results.read_text().splitlines()[-1] == "| fake | counts | pass | 1 passed, 0 failed, 0 errors, 0 skipped |"
 
 
+def test_gpu_check_rows_give_skip_reasons(tmp_path):
+    """What was skipped and why: a junit file's skip messages, most frequent first."""
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuite tests="4" failures="0" errors="0" skipped="3">'
+                   '<testcase name="a"><skipped message="no CUDA device is visible"/></testcase>'
+                   '<testcase name="b"><skipped message="pykeops does not import"/></testcase>'
+                   '<testcase name="c"><skipped message="no CUDA device is visible"/></testcase>'
+                   '<testcase name="d"/></testsuite>')
+    results = tmp_path / "results.md"
+    assert _script("gpu_check.py", "junit", str(results), "bench", "points", str(xml)).returncode == 0
+    assert results.read_text().splitlines()[-1] == (
+        "| bench | points | pass | 1 passed, 0 failed, 0 errors, 3 skipped; skipped: no CUDA device is visible (2); "
+        "pykeops does not import (1) |")
+
+
 def test_gpu_check_all_without_a_gpu_skips_every_stage(tmp_path):
     """`gpu_check.sh all` where torch sees no CUDA device: every stage recorded as skipped with the
     reason, exit status 0, at most the eight files a device call returns."""
