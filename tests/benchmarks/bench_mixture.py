@@ -13,6 +13,7 @@ then: python scripts/bench_report.py out.json
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -68,10 +69,15 @@ def implementation(impl: str):
     return lambda *a: acn_kernels.mixture_log_prob(*a, backend=backend)
 
 
-def inputs(device, b, d, m, requires_grad):
-    """z, logits, means, log_scales (log-scales in [-1, 0]) on ``device``."""
+@functools.lru_cache(maxsize=1)  # the cases run shape by shape: one problem in memory at a time
+def _drawn(device, b, d, m):
     z, lg, mu, ls, _ = mixture_inputs(b, d, m, seed=0, device=device, log_scales=(-1.0, 0.0))
-    return [t.requires_grad_(requires_grad) for t in (z, lg, mu, ls)]
+    return z, lg, mu, ls
+
+
+def inputs(device, b, d, m, requires_grad):
+    """z, logits, means, log_scales (log-scales in [-1, 0]) on ``device``, drawn once per shape."""
+    return [t.detach().requires_grad_(requires_grad) for t in _drawn(device, b, d, m)]
 
 
 @pytest.mark.parametrize("device,impl,mode,shape", CASES)
