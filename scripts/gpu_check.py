@@ -306,8 +306,9 @@ def stage_build(st: Stage, info: dict, py: str) -> int:
     if res is None:
         return 1
     rc, took, stopped = res
-    ok = rc == 0 and probe(py, st.env).get("ext_cuda")
-    if ok:
+    if rc == 0:
+        info.update(probe(py, st.env))  # the later stages see the new _C
+    if rc == 0 and info.get("ext_cuda"):
         st.row("_C (CUDA)", "pass", f"{took:.0f} s, TORCH_CUDA_ARCH_LIST={arch}")
         return 0
     first = next((ln for ln in (st.work / "build.log").read_text(errors="replace").splitlines()
@@ -499,7 +500,6 @@ def check(stage: str, out: Path) -> int:
             if name == "build":
                 st.status = stage_build(st, info, py)
                 built = st.status == 0
-                info = probe(py, env) if built else info
             elif name == "test":
                 st.status = stage_test(st, info, py)
             elif name == "sanitize":
