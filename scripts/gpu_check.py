@@ -282,7 +282,8 @@ def download_wheels(folder: Path) -> int:
     for req in WHEELS:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(folder), req]
-        if subprocess.run(cmd).returncode != 0:  # an sdist-only pure-Python package: build its wheel
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            print(f"{req}: no binary wheel; building one from the sdist (pure Python)")
             rc |= subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder),
                                   req]).returncode
     for w in sorted(folder.glob("*.whl")):
