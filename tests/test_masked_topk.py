@@ -28,7 +28,6 @@ from testing import (
     check_topk,
     f64,
     grid_data,
-    known_bug,
     normal,
     params,
     poisoned_outputs,
@@ -50,8 +49,6 @@ F32 = params(OP, dtypes=[torch.float32])
 F32_F64 = params(OP, dtypes=[torch.float32, torch.float64])
 F64 = params(OP, dtypes=[torch.float64])
 GPU = params(OP, dtypes=[torch.float32], devices=["cuda"])
-# Random (not grid) data may show the Triton kernel's expanded-form distances (KNOWN_BUGS).
-TRITON_DISTS = {"triton": "triton-dists"}
 FILL_GPU = os.environ.get("ACN_TEST_FILL_GPU", "0") == "1"
 HUGE = os.environ.get("ACN_TEST_HUGE", "0") == "1"
 pytestmark = [
@@ -109,9 +106,8 @@ def test_random_vs_reference(backend, device, dtype, b, n, d, k):
     want = ref_topk(q, bank, k, mask, excl)
     if dtype == torch.float64:
         assert torch.equal(got[1], want[1])
-    with known_bug(backend, TRITON_DISTS):
-        check_topk(*got, q, bank, k, mask, excl)
-        assert_topk_close(got, want, q, bank, rtol=2 * topk_rtol(dtype, d))
+    check_topk(*got, q, bank, k, mask, excl)
+    assert_topk_close(got, want, q, bank, rtol=2 * topk_rtol(dtype, d))
 
 
 @pytest.mark.parametrize("backend,device,dtype", F32)
@@ -125,8 +121,7 @@ def test_duplicate_rows_tie_to_smaller_index(backend, device, dtype):
     bank = distinct[rows].to(device)
     q = (distinct[:5] + 0.01 * torch.randn(5, 24, generator=g)).to(device)
     d, i = run_topk(backend, q, bank, k)
-    with known_bug(backend, TRITON_DISTS):
-        check_topk(d, i, q, bank, k)
+    check_topk(d, i, q, bank, k)
     for r in range(5):
         # rows grouped by their distinct source, in that source's distance order, ascending index
         order = torch.argsort(((q[r].cpu() - distinct) ** 2).sum(1), stable=True)
@@ -134,7 +129,7 @@ def test_duplicate_rows_tie_to_smaller_index(backend, device, dtype):
         assert torch.equal(i[r], want)
 
 
-@pytest.mark.parametrize("backend,device,dtype", params(OP, xfail=TRITON_DISTS))
+@pytest.mark.parametrize("backend,device,dtype", ALL)
 def test_dists_are_direct_form(backend, device, dtype):
     """Near neighbours far from the origin: each reported distance is the direct form
     sum_d (q_d - b_d)^2 within rounding of itself. Half the dimensions sit near 1000, half near 0
@@ -191,8 +186,7 @@ def test_vs_faiss(backend, device, dtype, masked, b, n, d, k):
     q, bank, mask, _ = topk_inputs(b, n, d, seed=11 + n, masked=0.5 if masked else 0.0)
     fd, fi = _faiss_search(q, bank, k, mask)
     got = run_topk(backend, q.to(device), bank.to(device), k, None if mask is None else mask.to(device))
-    with known_bug(backend, TRITON_DISTS):
-        check_topk(*got, q, bank, k, mask)
+    check_topk(*got, q, bank, k, mask)
     # faiss ranks by the expanded form in float32: its near-ties may differ by its rounding.
     assert_topk_close(got, (torch.from_numpy(fd), torch.from_numpy(fi)), q, bank, rtol=1e-5)
 
@@ -205,10 +199,9 @@ def test_vs_sklearn(backend, device, dtype):
     nn = neighbors.NearestNeighbors(n_neighbors=9, algorithm="brute").fit(bank[keep].double().numpy())
     sd, si = nn.kneighbors(q.double().numpy())
     got = run_topk(backend, q.to(device), bank.to(device), 9, mask.to(device))
-    with known_bug(backend, TRITON_DISTS):
-        check_topk(*got, q, bank, 9, mask)
-        assert_topk_close(got, (torch.from_numpy(sd) ** 2, keep[torch.from_numpy(si)]), q, bank,
-                          rtol=2 * topk_rtol(dtype, 12))
+    check_topk(*got, q, bank, 9, mask)
+    assert_topk_close(got, (torch.from_numpy(sd) ** 2, keep[torch.from_numpy(si)]), q, bank,
+                      rtol=2 * topk_rtol(dtype, 12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +377,7 @@ def test_fill_gpu(backend, device, dtype, b, n, d, k):
     with poisoned_outputs():
         got = acn_kernels.masked_topk(q, bank, k, exclude_mask=mask, backend=backend)
     want = acn_kernels.masked_topk(q, bank, k, exclude_mask=mask, backend="torch")
-    with known_bug(backend, TRITON_DISTS):
-        assert_topk_close([t.cpu() for t in got], [t.cpu() for t in want], q, bank, rtol=2 * topk_rtol(dtype, d))
+    assert_topk_close([t.cpu() for t in got], [t.cpu() for t in want], q, bank, rtol=2 * topk_rtol(dtype, d))
 
 
 @pytest.mark.parametrize("backend,device,dtype", params(OP, dtypes=[torch.float16], devices=["cuda"],

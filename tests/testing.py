@@ -53,13 +53,10 @@ def skip_reasons(backend: str, op: str, device: str, dtype: torch.dtype) -> list
     return reasons
 
 
-KNOWN_BUGS = {
-    "triton-dists": "Triton masked_topk reports expanded-form distances |q|^2 + |b|^2 - 2 q.b, off by "
-                    "rounding relative to the norms (docs/design.md: the direct form)",
-}
-"""Contract violations that a test exposes and that are not fixed yet. One strict test per entry
-(``params(xfail=...)``) fails once the bug is fixed; other tests whose data may show it wrap their
-checks in :func:`known_bug`."""
+KNOWN_BUGS: dict[str, str] = {}
+"""Contract violations that a test exposes and that are not fixed yet (none at present). One
+strict test per entry (``params(xfail=...)``) fails once the bug is fixed; other tests whose data
+may show it wrap their checks in :func:`known_bug`."""
 
 
 @contextlib.contextmanager

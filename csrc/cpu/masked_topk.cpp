@@ -25,9 +25,10 @@
 // with an error that depends on where a row sits in the GEMM tile, so near-ties could be reordered
 // and exact ties (duplicate rows) broken arbitrarily. The expanded form therefore only filters:
 // a row is rejected only when it provably cannot beat the k-th exact distance, with the error bound
-// c * (|q|^2 + |b|^2 + kth) of the expanded form plus that of the exact one. Every distance that is
+// alpha * kth + beta * (|q|^2 + |b|^2) + abs of the expanded form plus that of the exact one. Every distance that is
 // reported or compared is the exact (direct-form) one, computed the same way for every position,
-// so the result is the direct-form selection: ascending, ties to the smaller row.
+// so the result is the direct-form selection: ascending, ties to the smaller row. The band's
+// derivation and constants: docs/filter-band.md, computed by filter_band.h.
 //
 // Extra memory: O(N) row norms, O(B * D) converted queries, O(B * k * chunks) partial lists and
 // per-thread tiles; never B x N. All offsets are int64.
@@ -45,6 +46,7 @@
 
 #include "../utils.h"
 #include "cpu_isa.h"
+#include "filter_band.h"
 #include "masked_topk.h"
 
 // No fused multiply-add contraction in this file: the AVX2/AVX-512 variants would otherwise fuse
@@ -68,19 +70,6 @@ constexpr int64_t kDirectMaxB = 8;  // up to this many queries: the direct path,
 
 int64_t tile_rows(int64_t D) {
   return std::clamp<int64_t>(kTileElems / std::max<int64_t>(D, 1), kMinTileRows, kMaxTileRows);
-}
-
-// Relative error bound of the expanded-form filter, as a multiple of (|q|^2 + |b|^2 + kth):
-// gamma_D for each norm, the dot product and the exact sum, plus the additions, doubled for margin.
-template <typename acc_t>
-acc_t band_coef(int64_t D) {
-  return acc_t(8 * D + 64) * (std::numeric_limits<acc_t>::epsilon() / 2);
-}
-
-// Absolute part of the band: products that underflow lose up to the smallest normal each.
-template <typename acc_t>
-acc_t band_abs(int64_t D) {
-  return acc_t(D + 8) * std::numeric_limits<acc_t>::min();
 }
 
 constexpr int kLanes = 8;  // independent partial sums: vectorisable, in a fixed order
@@ -286,7 +275,10 @@ template <typename scalar_t, typename acc_t>
 ACN_BODY void search_item_gemm(const Problem<acc_t>& P, const scalar_t* bank, int64_t q0, int64_t q1,
                       int64_t r0, int64_t r1, int64_t c, Scratch<acc_t>& S) {
   const int64_t D = P.D, nq = q1 - q0;
-  const acc_t coef = band_coef<acc_t>(D), cabs = band_abs<acc_t>(D);
+  // The filter's band (filter_band.h): operands used as they are (the GEMM in acc_t), not shifted.
+  const acn::FilterBand band = acn::filter_band_for<acc_t>(D, acn::FilterInputs::kExact, false);
+  const acc_t alpha = static_cast<acc_t>(band.alpha), beta = static_cast<acc_t>(band.beta),
+              cabs = static_cast<acc_t>(band.abs);
   for (int64_t b = q0; b < q1; ++b) {
     const auto L = query_list(P, c, b);
     std::fill(L.d, L.d + L.k, acn::inf_v<acc_t>());
@@ -321,15 +313,15 @@ ACN_BODY void search_item_gemm(const Problem<acc_t>& P, const scalar_t* bank, in
       const acc_t* g = S.gram.data() + (b - q0) * n;
       const acc_t* qrow = P.q + b * D;
       const int64_t skip = P.excl ? P.excl[b] : -1;
-      const acc_t base = coef * (qn + nb_max) + cabs - qn;
+      const acc_t base = beta * (qn + nb_max) + cabs - qn;
       // Reject when |b|^2 - 2 q.b > thr, i.e. expanded distance > kth + band. NaN or +inf from
       // overflow never satisfies ">" against +inf, so such pairs fall through to the exact path.
-      acc_t thr = L.worst() * (1 + coef) + base;
+      acc_t thr = L.worst() * (1 + alpha) + base;
       auto consider = [&](int64_t j) {
         const int64_t row = S.rows[j];
         if (row == skip) return;
         L.insert(acn::finish_dist(exact_dist(qrow, S.tile.data() + j * D, D)), row);
-        thr = L.worst() * (1 + coef) + base;
+        thr = L.worst() * (1 + alpha) + base;
       };
       int64_t j = 0;
       // With |q|^2 + |b|^2 far from overflow, v and thr hold no NaN, and a group of kGroup
