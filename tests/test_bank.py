@@ -559,25 +559,47 @@ requires_cuda_backend = pytest.mark.skipif(
     reason="needs a GPU and _C built with CUDA")
 
 
-def _acn_step_parts(batch: int):
-    from acn_kernels.acn.models import build_model
+def _acn_step_parts(batch: int, device: str = "cuda", capturable: bool = True):
+    """The default ACN built by the training config (its bank capturable) on ``device``, a pass of
+    six batches of random binary digits, and the training loop's own step
+    (:func:`acn_kernels.acn.train.train_step`: encode, bank write, search, walk, prior, KL,
+    decoder, backward, optimiser) on a batch of indices, returning the batch's sums [4] on the
+    device. The optimiser: Adam(capturable=True) on a GPU (a CUDA graph needs it); SGD on the CPU,
+    whose Adam reads its step count on the host and cannot be capturable."""
+    from acn_kernels.acn.config import TrainConfig
+    from acn_kernels.acn.train import train_step
 
     n = 6 * batch  # a pass of six batches
-    torch.manual_seed(0)
-    model = build_model("acn", num_codes=n, image_shape=(1, 28, 28)).cuda()
-    model.bank = CodeBank(n, model.bank.code_dim, model.bank.k, seed=0, device="cuda", capturable=True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-    x = (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.8).float().cuda()
-    order = rng.permutation(0, 0, n, "cuda")
+    config = TrainConfig(batch_size=batch, capturable=capturable, device=device)
+    model = config.build(n, (1, 28, 28)).to(device)
+    params = model.parameters()
+    opt = (torch.optim.Adam(params, lr=config.lr, capturable=True) if device == "cuda"
+           else torch.optim.SGD(params, lr=0.1))
+    x = (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.8).float().to(device)
+    order = rng.permutation(0, 0, n, device)
 
-    def step(idx):
-        terms = model(x[idx], idx)
-        opt.zero_grad(set_to_none=False)
-        terms.loss.mean().backward()
-        opt.step()
-        return terms.loss.detach(), terms.rows
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        return train_step(model, opt, x[idx], idx)
 
     return model, order, step
+
+
+def test_acn_step_dry_run_reads_nothing_on_the_host(monkeypatch, no_host_reads):
+    """The GPU tests' step on the CPU, with the bank checking on the device as a CUDA bank does:
+    whole steps that read no tensor on the host (the CPU stand-in for
+    torch.cuda.set_sync_debug_mode("error")), equal to the same steps on a bank that checks at
+    once and searches as usual."""
+    ref_model, order, ref_step = _acn_step_parts(16, "cpu", capturable=False)
+    want = [ref_step(order[s : s + 16]) for s in range(0, 48, 16)]
+    model, order, step = _acn_step_parts(16, "cpu")
+    defer_checks(monkeypatch, model.bank)
+    no_host_reads()
+    got = [step(order[s : s + 16]) for s in range(0, 48, 16)]
+    monkeypatch.undo()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(model.bank.used, ref_model.bank.used) and torch.equal(model.bank.codes, ref_model.bank.codes)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 @requires_cuda_backend
@@ -603,7 +625,8 @@ def test_gpu_step_without_host_synchronisation(batch):
 @pytest.mark.cuda
 def test_gpu_step_in_a_cuda_graph():
     """The same step captured once in a CUDA graph and replayed over a pass's batches gives the
-    eager step's picks (the graph bakes the pass index in: capture again after new_pass)."""
+    eager step's sums, picks, bank and weights (the graph bakes the pass index in: capture again
+    after new_pass)."""
     batch = 128
     eager_model, order, eager_step = _acn_step_parts(batch)
     model, _, step = _acn_step_parts(batch)
@@ -616,14 +639,16 @@ def test_gpu_step_in_a_cuda_graph():
     eager_step(static_idx)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _, static_rows = step(static_idx)
+        static_sums = step(static_idx)
     for s in range(batch, 5 * batch, batch):
         static_idx.copy_(order[s : s + batch])
         graph.replay()
-        _, want = eager_step(order[s : s + batch])
-        assert torch.equal(static_rows, want)
+        want = eager_step(order[s : s + batch])
+        torch.testing.assert_close(static_sums, want)
     assert torch.equal(model.bank.used, eager_model.bank.used)
     torch.testing.assert_close(model.bank.codes, eager_model.bank.codes)
+    for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
 
 
 # ----------------------------------------------------------------------------------------------

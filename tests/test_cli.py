@@ -319,3 +319,34 @@ def test_single_class_labels(tmp_path, digits):
     assert cli.eval_main([run, "--out", ev, "--daydream-steps", "1"]) == 0
     results = strict_json(os.path.join(ev, "eval.json"))
     assert all("single class" in results[name]["representation"]["reason"] for name in ("pixels", "pca16"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 12: --capturable
+
+
+def test_capturable_flag(capsys, tmp_path, digits, monkeypatch):
+    """--capturable trains (its checkpoint's config says so, a resume without it turns it off: a
+    run option, like --device); a batch too large for one search, or a torchrun launch, is a
+    one-line error naming the flag."""
+    from acn_kernels.acn.checkpoint import load_checkpoint
+    from acn_kernels.ops import MAX_K
+
+    run = str(tmp_path / "run")
+    assert cli.train_main([*small(digits, run), "--steps", "2", "--capturable", "--no-report"]) == 0
+    assert load_checkpoint(os.path.join(run, CHECKPOINT))["config"]["capturable"] is True
+    assert cli.train_main(["--resume", os.path.join(run, CHECKPOINT), "--steps", "3", "--no-progress",
+                           "--no-report"]) == 0
+    assert load_checkpoint(os.path.join(run, CHECKPOINT))["config"]["capturable"] is False
+    err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "big")), "--capturable",
+                                               "--batch-size", str(MAX_K), "--k", "5"])
+    assert f"argument --capturable: TrainConfig.capturable resolves a batch in one search of K + B - 1 " \
+           f"candidates, so batch_size must be <= MAX_K - k + 1 = {MAX_K - 4}, got {MAX_K}" in err
+    assert cli.train_main([*small(digits, str(tmp_path / "vae")), "--model", "vae", "--capturable",
+                           "--batch-size", str(MAX_K), "--steps", "1", "--no-report"]) == 0
+    import acn_kernels.acn.cli as module
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(module, "process_group", lambda *a: pytest.fail("joined the process group"))
+    err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "ddp")), "--capturable"])
+    assert "argument --capturable: a data-parallel run's sharded bank has no capturable mode" in err

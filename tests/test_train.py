@@ -477,3 +477,141 @@ def test_format_1_loads_with_a_warning_and_resumes(tiny, saved, tmp_path):
     assert ckpt["position"]["step"] == 2
     _, hist = run(tiny, str(tmp_path / "resumed"), steps=4, resume=ckpt)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["format_version"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 12: the loop's step, its sync points (where deferred bank errors are raised) and the
+# capturable mode
+
+
+def capturable_config(**overrides) -> TrainConfig:
+    """Tiny's pass is 13 steps of 16: step 10 logs, step 13 ends the pass."""
+    options = {"batch_size": 16, "minutes": None, "steps": 25, "checkpoint_every": 0, "capturable": True}
+    return TrainConfig(**{**options, **overrides})
+
+
+def corrupt_batch(monkeypatch, model, at: int) -> list[int]:
+    """From now on, model's forward pass ``at`` (1-based) gets a batch whose second index repeats
+    its first; returns the list that counts forward passes. The bank is made to check on the
+    device, as a CUDA bank does (a CPU bank checks at once)."""
+    monkeypatch.setattr(model.bank, "_defers_checks", lambda: True)
+    calls: list[int] = []
+    forward = model.forward
+
+    def counted(x, index):
+        calls.append(1)
+        if len(calls) == at:
+            index = index.clone()
+            index[1] = index[0]
+        return forward(x, index)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("at", "overrides", "raised_at"), [
+    (3, {}, 10),                        # the next log line
+    (3, {"checkpoint_every": 5}, 5),    # the next checkpoint (none is written)
+    (3, {"steps": 7}, 7),               # the end of training
+    (11, {}, 13),                       # the end of the pass
+], ids=["logging", "checkpoint", "end", "pass-end"])
+def test_deferred_bank_error_is_raised_at_the_next_sync_point(tiny, tmp_path, monkeypatch, at, overrides,
+                                                              raised_at):
+    """A bad batch on a bank that checks on the device changes nothing in the bank and the loop
+    goes on without reading the device; at its next read (log, checkpoint, pass end, end) it
+    raises the bank's error, before any checkpoint holds the step."""
+    config = capturable_config(**overrides)
+    model = config.build(200, tiny.image_shape)
+    calls = corrupt_batch(monkeypatch, model, at)
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="index holds duplicate rows; each example may appear once per batch"):
+        train.train(model, tiny, config, out, progress=False)
+    assert len(calls) == raised_at
+    assert not os.path.exists(os.path.join(out, CHECKPOINT))
+    model.bank.raise_deferred_errors()  # raised once: the flag was cleared
+
+
+def test_a_bank_that_checks_at_once_raises_in_the_step(tiny, monkeypatch):
+    """The contrast: a CPU bank's checks are immediate, so the same bad batch raises in its step."""
+    config = capturable_config(capturable=False)
+    model = config.build(200, tiny.image_shape)
+    calls = corrupt_batch(monkeypatch, model, 3)
+    monkeypatch.setattr(model.bank, "_defers_checks", lambda: False)
+    with pytest.raises(ValueError, match="index holds duplicate rows"):
+        train.train(model, tiny, config, progress=False)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("model", ["acn", "vae"])
+def test_a_capturable_run_trains_as_a_normal_one(tiny, tmp_path, model):
+    """Four passes over 40 digits in batches of 8 (with this seed, pass 4 ends in an end-of-pass
+    fallback), mid-pass checkpoints: the same history, fallbacks, weights and bank, bit for bit."""
+    data = acn_data.ImageData(tiny.train_x[:40], tiny.train_y[:40], tiny.test_x[:8], tiny.test_y[:8])
+    runs = {}
+    for capturable in (False, True):
+        config = TrainConfig(model=model, batch_size=8, seed=1, epochs=4, minutes=None, checkpoint_every=3,
+                             capturable=capturable)
+        m = config.build(40, data.image_shape)
+        hist = train.train(m, data, config, str(tmp_path / f"run-{capturable}"), progress=False)
+        if model == "acn":
+            assert m.bank.capturable is capturable
+        runs[capturable] = (m.state_dict(), hist)
+    (plain, plain_hist), (capt, capt_hist) = runs[False], runs[True]
+    assert [{k: v for k, v in h.items() if k != "elapsed_s"} for h in plain_hist] == \
+        [{k: v for k, v in h.items() if k != "elapsed_s"} for h in capt_hist]
+    assert plain.keys() == capt.keys()
+    for name in plain:
+        if isinstance(plain[name], torch.Tensor):
+            assert torch.equal(plain[name], capt[name]), name
+    if model == "acn":
+        assert [h["fallbacks"] for h in plain_hist] == [0, 0, 0, 1]  # the fallback path ran
+
+
+def test_capturable_config_is_checked(tiny):
+    from acn_kernels.ops import MAX_K
+
+    with pytest.raises(ValueError, match=rf"TrainConfig.capturable .* batch_size must be <= MAX_K - k \+ 1 = "
+                                         rf"{MAX_K - 4}, got {MAX_K}"):
+        TrainConfig(capturable=True, batch_size=MAX_K, k=5).validate()
+    TrainConfig(capturable=True, batch_size=MAX_K - 4, k=5).validate()
+    TrainConfig(capturable=True, batch_size=MAX_K, model="vae").validate()  # no bank: no limit
+    with pytest.raises(ValueError, match="TrainConfig.capturable must be a bool, got 1"):
+        TrainConfig(capturable=1).validate()
+    config = TrainConfig(capturable=True, batch_size=16, steps=1, minutes=None)
+    plain = TrainConfig(batch_size=16, steps=1, minutes=None).build(200, tiny.image_shape)
+    with pytest.raises(ValueError, match="config.capturable is True but the model's bank has capturable=False"):
+        train.train(plain, tiny, config, progress=False)
+
+
+def test_the_step_reads_the_device_only_at_sync_points(tiny, monkeypatch):
+    """Between its sync points the loop never reads a tensor's value on the host (on a GPU such a
+    read is a synchronisation): a CPU stand-in for torch.cuda.set_sync_debug_mode("error"), over
+    9 whole steps of the library's loop with a capturable bank that checks on the device."""
+    import sys
+
+    config = capturable_config(steps=9)
+    model = config.build(200, tiny.image_shape)
+    monkeypatch.setattr(model.bank, "_defers_checks", lambda: True)
+    steps: list[int] = []
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy", "cpu", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, _name=name, **kwargs):
+            reads.append((_name, len(steps), sys._getframe(1).f_globals.get("__name__", "")))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    step = train.train_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counted)
+    train.train(model, tiny, config, progress=False)
+    assert len(steps) == 9
+    # CPU Adam reads its step count (a CPU tensor even on a GPU: no device read); every other
+    # read comes after the last step, at the end's sync point.
+    assert [r for r in reads if not r[2].startswith("torch.optim")] == [("tolist", 9, "acn_kernels.acn.bank")]
+    assert any(r[1] < 9 for r in reads)  # the hook sees Adam's reads within the steps

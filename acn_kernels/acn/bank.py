@@ -323,8 +323,9 @@ class CodeBank(nn.Module):
     def raise_deferred_errors(self) -> None:
         """Raise (once) the first argument error that a capturable CUDA bank's :meth:`neighbours`
         found on the device since the last call; one host read. Called by :meth:`new_pass`,
-        :attr:`fallbacks` and ``state_dict``; a training loop may call it wherever it reads the
-        device anyway (its logging)."""
+        :attr:`fallbacks` and ``state_dict``; a training loop calls it wherever it reads the
+        device anyway (:func:`acn_kernels.acn.train.train` does at its logging, checkpoints,
+        pass ends and end)."""
         bits, lo, hi = self._deferred.tolist()
         if bits:
             self._deferred.zero_()

@@ -169,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=nonneg_int, default=d.checkpoint_every,
                    help="steps between mid-pass checkpoints (0: pass ends only)")
     p.add_argument("--device", type=device_arg, default=d.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--capturable", action="store_true",
+                   help="an ACN's bank resolves each batch with fixed work and, on a GPU, without a host "
+                   f"synchronisation (the same results; --batch-size at most {MAX_K} - K + 1; one process only)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads (default 1: the default model's small matrices gain little from more, "
                    "and on a busy machine extra threads that compete for cores slow every step many-fold)")
@@ -177,8 +180,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default <out>/checkpoint.pt) in its folder (or --out); the "
                    "model options (--model ... --seed) are taken from it and, if given, must agree with it; "
-                   "the budget options (--minutes, --epochs, --steps, --checkpoint-every, --device, --threads) "
-                   "come from this command line")
+                   "the budget options (--minutes, --epochs, --steps, --checkpoint-every, --device, --capturable, "
+                   "--threads) come from this command line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the image grids after training")
     return p
@@ -230,8 +233,17 @@ def train_main(argv: list[str] | None = None) -> int:
     config.epochs, config.steps = args.epochs or None, args.steps or None
     config.minutes = args.minutes or None
     config.checkpoint_every, config.device = args.checkpoint_every, args.device
+    config.capturable = args.capturable
     if config.epochs is None and config.steps is None and config.minutes is None:
         p.error("give a budget: --minutes, --epochs or --steps (0 means no limit for each)")
+    if config.capturable:  # the other fields are checked by their argparse types or the checkpoint's schema
+        if "WORLD_SIZE" in os.environ:
+            p.error("argument --capturable: a data-parallel run's sharded bank has no capturable mode (its "
+                    "collectives read the host every step); drop --capturable under torchrun")
+        try:
+            config.validate()
+        except ValueError as e:
+            p.error(f"argument --capturable: {e}")
     # Everything the command line decides is checked before any process group exists.
     data = load_data(p, config)
     model = build(p, config, data)

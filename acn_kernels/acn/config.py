@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..ops import MAX_K
 from .data import ImageData, load
 from .likelihood import LIKELIHOODS
 from .models import ACN, VAE, build_model
@@ -21,7 +22,12 @@ class TrainConfig:
     (Adam, 1e-3), ``seed`` (0).
     Budget, whichever ends first: ``epochs`` and ``steps`` (totals over the run, resumes
     included), ``minutes`` (wall clock of this invocation). ``checkpoint_every``: steps between
-    mid-pass checkpoints (0 = only at pass ends and at the end)."""
+    mid-pass checkpoints (0 = only at pass ends and at the end).
+    ``capturable`` (False): an ACN's bank resolves each batch with fixed work and, on a GPU,
+    without a host synchronisation (:class:`~acn_kernels.CodeBank`'s ``capturable``; batches of at
+    most ``MAX_K - k + 1``); the loop then reads the device only where it logs, checkpoints and
+    ends a pass, and raises there any argument error the bank found on the device. The same
+    picks and weights as without it; a VAE has no bank and trains as without it."""
 
     model: str = "acn"
     encoder: str = "mlp"
@@ -40,11 +46,14 @@ class TrainConfig:
     minutes: float | None = 3.0
     checkpoint_every: int = 500
     device: str = "cpu"
+    capturable: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range: integers (not bools) ``code_dim``,
         ``k``, ``components``, ``batch_size`` >= 1, ``checkpoint_every``, ``seed`` >= 0,
-        ``epochs`` and ``steps`` None or >= 0; ``lr`` finite > 0, ``minutes`` None or finite >= 0."""
+        ``epochs`` and ``steps`` None or >= 0; ``lr`` finite > 0, ``minutes`` None or finite >= 0;
+        ``capturable`` a bool, and for an ACN only with ``batch_size`` <= ``MAX_K - k + 1`` (one
+        search of K + B - 1 candidates per batch)."""
         def integer(name: str, low: int, optional: bool = False) -> None:
             v = getattr(self, name)
             if optional and v is None:
@@ -72,14 +81,23 @@ class TrainConfig:
         integer("steps", 0, optional=True)
         number("lr", positive=True)
         number("minutes", positive=False, optional=True)
+        if not isinstance(self.capturable, bool):
+            raise ValueError(f"TrainConfig.capturable must be a bool, got {self.capturable!r}")
+        if self.capturable and self.model == "acn" and self.batch_size > MAX_K - self.k + 1:
+            raise ValueError(f"TrainConfig.capturable resolves a batch in one search of K + B - 1 candidates, so "
+                             f"batch_size must be <= MAX_K - k + 1 = {MAX_K - self.k + 1}, got {self.batch_size}")
 
     def build(self, num_train: int, image_shape: tuple[int, int, int]) -> ACN | VAE:
-        """The model this config describes, initialised from ``seed``."""
+        """The model this config describes, initialised from ``seed`` (an ACN's bank
+        ``capturable`` as this config)."""
         torch.manual_seed(self.seed)
-        return build_model(self.model, num_codes=num_train, image_shape=image_shape, encoder=self.encoder,
-                           decoder=self.decoder, code_dim=self.code_dim, k=self.k,
-                           components=self.components, seed=self.seed, likelihood=self.likelihood,
-                           logistic_components=self.logistic_components)
+        model = build_model(self.model, num_codes=num_train, image_shape=image_shape, encoder=self.encoder,
+                            decoder=self.decoder, code_dim=self.code_dim, k=self.k,
+                            components=self.components, seed=self.seed, likelihood=self.likelihood,
+                            logistic_components=self.logistic_components)
+        if isinstance(model, ACN):
+            model.bank.capturable = bool(self.capturable)
+        return model
 
     def load_data(self) -> ImageData:
         """``data`` on the grid the likelihood models (binarised for "bernoulli", 8-bit otherwise)."""

@@ -5,9 +5,15 @@ The loop, in short::
     for each pass p:                                   # model.pass_index
         order = rng.permutation(seed, p, N)            # counter-based: no RNG state to carry
         for each batch idx of order:
-            terms = model(x[idx], idx)                 # bank update + neighbours + fused KL + recon
-            terms.loss.mean().backward(); adam.step()
+            sums += train_step(model, adam, x[idx], idx)   # bank update + neighbours + fused KL
+                                                           # + recon, backward, Adam
         model.new_pass()                               # clears the bank's used mask
+
+The loop reads the device only where it logs (every 10 steps), checkpoints and ends a pass; the
+running sums stay on the device in between. These are also the points where a bank that checks
+its arguments on the device (a capturable CUDA bank, ``TrainConfig.capturable``) raises what it
+found (:meth:`~acn_kernels.CodeBank.raise_deferred_errors`), so with a capturable bank a step on
+a GPU never synchronises with the host (:func:`train_step`).
 
 Checkpoints (``<out>/checkpoint.pt``, format: :mod:`acn_kernels.acn.checkpoint`) are written at
 the end of every pass, every ``checkpoint_every`` steps and when the budget runs out, atomically,
@@ -152,14 +158,15 @@ class Position:
     elapsed: float = 0.0
 
     def state(self, sums: torch.Tensor) -> dict[str, Any]:
-        """The checkpoint's ``position``, holding ``sums`` (the run's, over every process)."""
+        """The checkpoint's ``position`` (on the CPU), holding ``sums`` (the run's, over every process)."""
         return {"pass_index": self.pass_index, "order": self.order.cpu(), "offset": self.offset,
-                "step": self.step, "sums": sums.clone(), "elapsed": self.elapsed}
+                "step": self.step, "sums": sums.to("cpu", copy=True), "elapsed": self.elapsed}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> Position:
+        """A position on ``device`` (order and sums) from a checkpoint's ``position``."""
         return cls(state["pass_index"], state["order"].to(device), state["offset"], state["step"],
-                   state["sums"].clone(), state["elapsed"])
+                   state["sums"].to(device, copy=True), state["elapsed"])
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -219,6 +226,54 @@ def check_position(state: dict[str, Any], n: int, seed: int) -> None:
         raise bad(f"elapsed must be >= 0, got {state['elapsed']}")
 
 
+def train_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    global_batch: int | None = None,
+    world_size: int = 1,
+    agree: Callable[[BaseException | None], None] | None = None,
+) -> torch.Tensor:
+    """One optimiser step of :func:`train`: forward, backward and ``opt.step()`` on one batch.
+
+    Args:
+        net: the model (an :class:`~acn_kernels.ACN`: encode, the bank's write and batch-order
+            neighbours, prior network, fused KL, decoder; or a :class:`~acn_kernels.VAE`), or
+            what wraps it (DistributedDataParallel); ``net(x, index)`` returns
+            :class:`~acn_kernels.acn.models.LossTerms`.
+        opt: its optimiser (gradients are set to None, then filled by this batch alone).
+        x: images [b, C, H, W] of the training examples ``index`` [b] int64 (bank rows).
+        global_batch: the examples of the step over every process (default b); the loss
+            differentiated is the batch's summed loss * ``world_size`` / ``global_batch``, so that
+            gradients averaged over ``world_size`` processes are those of the global mean loss.
+        agree: called with the forward pass's exception, or None, between the forward and the
+            backward pass (the loop tells the other processes and checks its budget there); it
+            raises for a failure. Without it a failed forward pass raises at once.
+
+    Returns:
+        The batch's sums [4] float64 on x's device: examples, loss, KL and reconstruction nats.
+        Nothing is read on the host, so on a GPU with a capturable bank
+        (``CodeBank(capturable=True)``) the step never synchronises, and for a fixed batch it can
+        be captured in a CUDA graph with an ``Adam(capturable=True)``.
+    """
+    error = None
+    try:
+        terms = net(x, index)
+    except Exception as e:  # the loop tells the other processes, then it is re-raised
+        error = e
+    if agree is not None:
+        agree(error)
+    if error is not None:
+        raise error
+    opt.zero_grad(set_to_none=True)
+    (terms.loss.sum() * world_size / (index.numel() if global_batch is None else global_batch)).backward()
+    opt.step()
+    loss = terms.loss.detach()
+    return torch.stack([loss.new_full((), float(index.numel())), loss.sum(), terms.kl.detach().sum(),
+                        terms.recon.detach().sum()]).double()
+
+
 def train(
     model: ACN | VAE,
     data: ImageData,
@@ -263,6 +318,10 @@ def train(
             training images or resumed positions differ (:func:`run_fields`).
         CheckpointError: ``resume`` cannot continue on this data: its position
             (:func:`check_position`) or its model and optimiser state do not fit.
+        ValueError: also, where the loop reads the device (logging every 10 steps, a checkpoint,
+            a pass end, the end), an argument error an ACN's bank found on the device since the
+            last such point (:meth:`~acn_kernels.CodeBank.raise_deferred_errors`), with the
+            bank's message; then no checkpoint holds the step that caused it.
     """
     from tqdm.auto import tqdm
 
@@ -275,13 +334,18 @@ def train(
     runtime = Runtime() if runtime is None else runtime
     runtime.begin(lambda: run_fields(config, data, resume))
     config.validate()
+    if isinstance(model, ACN) and model.bank.capturable != config.capturable:
+        raise ValueError(f"config.capturable is {config.capturable} but the model's bank has capturable="
+                         f"{model.bank.capturable}: build the model with config.build (a data-parallel run's "
+                         "sharded bank has no capturable mode)")
     device = torch.device(config.device)
     x = data.train_x.to(device)
     n = x.shape[0]
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     if resume is None:
-        pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device))
+        pos = Position(model.pass_index, rng.permutation(config.seed, model.pass_index, n, device),
+                       sums=torch.zeros(4, dtype=torch.float64, device=device))
     else:
         check_schema(resume, "resume")
         position = resume["position"]
@@ -309,6 +373,18 @@ def train(
                                     world_size=runtime.world_size)
             save_checkpoint(ckpt, os.path.join(out_dir, CHECKPOINT))
 
+    def sync_point() -> None:
+        """Where the loop reads the device anyway: raise what a deferring bank found since the last one."""
+        if isinstance(model, ACN):
+            model.bank.raise_deferred_errors()
+
+    def agree(error: BaseException | None) -> None:
+        """Between a step's forward and backward pass: tell the processes, check the budget."""
+        nonlocal time_up
+        pos.elapsed = elapsed0 + time.monotonic() - start
+        late = config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes
+        time_up = runtime.agree(error, late)
+
     def out_of_steps() -> bool:
         return ((config.epochs is not None and len(history) >= config.epochs)
                 or (config.steps is not None and pos.step >= config.steps))
@@ -321,34 +397,25 @@ def train(
                dynamic_ncols=True)
     saved_at, plotted_at, plotted_passes = pos.step, -math.inf, len(history)
     model.train()
-    stop = out_of_steps()
+    time_up, stop = False, out_of_steps()
     while not stop:
         batch = pos.order[pos.offset : pos.offset + config.batch_size]
         if batch.numel() == 0:  # never with a checked position: an empty step would repeat forever
             raise RuntimeError(f"no examples left at offset {pos.offset} of pass {pos.pass_index} ({n} examples)")
         idx = runtime.local(batch)
-        error = None
-        try:
-            terms = net(x[idx], idx)
-        except Exception as e:  # the runtime tells the other processes, then re-raises it
-            error = e
-        pos.elapsed = elapsed0 + time.monotonic() - start
-        late = config.minutes is not None and pos.elapsed - elapsed0 >= 60 * config.minutes
-        time_up = runtime.agree(error, late)
-        opt.zero_grad(set_to_none=True)
-        (terms.loss.sum() * runtime.world_size / batch.numel()).backward()
-        opt.step()
-
+        pos.sums += train_step(net, opt, x[idx], idx, batch.numel(), runtime.world_size, agree)
         pos.offset += batch.numel()
         pos.step += 1
-        pos.sums += torch.stack([torch.tensor(float(idx.numel())), terms.loss.detach().sum().cpu(),
-                                 terms.kl.detach().sum().cpu(), terms.recon.detach().sum().cpu()]).double()
         bar.update(1)
-        if pos.step % 10 == 0 and pos.sums[0] > 0:
-            loss, kl, recon = (pos.sums[1:] / pos.sums[0]).tolist()
-            bar.set_postfix(epoch=len(history) + 1, loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
+        if pos.step % 10 == 0:
+            sync_point()
+            count, loss, kl, recon = pos.sums.tolist()
+            if count > 0:
+                bar.set_postfix(epoch=len(history) + 1, loss=f"{loss / count:.2f}", kl=f"{kl / count:.2f}",
+                                recon=f"{recon / count:.2f}")
 
         if pos.offset >= n:  # end of the pass
+            sync_point()
             sums = runtime.total(pos.sums)
             loss, kl, recon = (sums[1:] / sums[0]).tolist()
             row = {"epoch": len(history) + 1, "step": pos.step, "train_loss": loss, "train_kl": kl,
@@ -365,7 +432,7 @@ def train(
             bar.set_postfix(epoch=row["epoch"], loss=f"{loss:.2f}", kl=f"{kl:.2f}", recon=f"{recon:.2f}")
             pos.pass_index = model.pass_index
             pos.order = rng.permutation(config.seed, pos.pass_index, n, device)
-            pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64)
+            pos.offset, pos.sums = 0, torch.zeros(4, dtype=torch.float64, device=device)
             if writes:
                 write_json(os.path.join(out_dir, "metrics.json"), {"history": history})
                 if time.monotonic() - plotted_at >= PLOT_SECONDS:
@@ -375,10 +442,12 @@ def train(
                 save(whole)
             saved_at = pos.step
         elif out_dir is not None and config.checkpoint_every and pos.step % config.checkpoint_every == 0:
+            sync_point()
             save(runtime.whole(model))
             saved_at = pos.step
         stop = time_up or out_of_steps()
     bar.close()
+    sync_point()
     if out_dir is not None and saved_at != pos.step:
         save(runtime.whole(model))
     if writes and len(history) != plotted_passes:
@@ -387,4 +456,4 @@ def train(
 
 
 __all__ = ["PLOT_SECONDS", "Position", "Runtime", "check_position", "plot_history", "run_fields",
-           "tensor_digest", "train"]
+           "tensor_digest", "train", "train_step"]
