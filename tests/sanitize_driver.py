@@ -48,7 +48,8 @@ def _topk_case(backend: str, device: str, dtype: torch.dtype, b: int, n: int, d:
 def cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
     """(name, check) for every path: mixture D = 0 / 1 / 16 / 33, M = 1 to 5, with and without
     code, per dimension or summed; masked_topk one split, several splits and the merge kernel,
-    k = MAX_K, D = 0 (all ties), a B that leaves the last query group partly empty."""
+    k = MAX_K, D = 0 (all ties), a B that leaves the last query group partly empty, and the CUDA
+    tensor-core path (B = 64, D = 33: plain copies, two flush groups)."""
     backend = "cuda" if device.startswith("cuda") else "cpu"
     for dtype in DTYPES:
         for b, d, m in [(5, 33, 3), (3, 1, 1), (2, 0, 2), (4, 16, 5)]:
@@ -57,7 +58,7 @@ def cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
                 yield (f"mixture {kind} {dtype} B={b} D={d} M={m}",
                        lambda kind=kind, inputs=inputs: check_mixture(kind, backend, inputs))
         for b, n, d, k in [(3, 700, 7, 5), (1, 3000, 16, 300), (9, 1100, 20, 1024), (4, 50, 0, 3),
-                           (10, 5000, 5, 17)]:
+                           (10, 5000, 5, 17), (64, 5000, 33, 40)]:  # the last: the tensor-core path (B >= 32)
             yield (f"masked_topk {dtype} B={b} N={n} D={d} k={k}",
                    lambda args=(dtype, b, n, d, k): _topk_case(backend, device, *args))
 
