@@ -525,5 +525,72 @@ def test_update_then_pick_on_a_sharded_bank_matches_one_process(tmp_path):
         assert torch.equal(r["loaded"], start[lo:hi])
 
 
+# ------------------------------------------------------------------------------------------------
+# CI failure (rank 1 SIGABRT at exit in the torchrun test): the ranks of a run leave the process
+# group together, after rank 0's last write
+
+REPORT_DELAY_S = 3.0
+
+
+def _cli_rank(folder: str, argv: list[str]) -> int:
+    """acn-train on one torchrun rank, rank 0's report slowed by REPORT_DELAY_S; each rank appends
+    "<event> <time>" lines to FOLDER/events_rank<r>.txt: "destroy" when it destroys the process
+    group, and rank 0 "report" when its report is written."""
+    import time
+
+    import torch.distributed as dist
+
+    from acn_kernels.acn import cli
+
+    rank = int(os.environ["RANK"])
+
+    def note(event: str) -> None:
+        with open(f"{folder}/events_rank{rank}.txt", "a") as f:
+            f.write(f"{event} {time.time()}\n")
+
+    if rank == 0:
+        report = cli.write_report
+
+        def slow_report(*args, **kwargs):
+            time.sleep(REPORT_DELAY_S)
+            result = report(*args, **kwargs)
+            note("report")
+            return result
+
+        cli.write_report = slow_report
+    destroy = dist.destroy_process_group
+
+    def noted_destroy(*args, **kwargs):
+        note("destroy")
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = noted_destroy
+    return cli.train_main(argv)
+
+
+def test_torchrun_ranks_leave_the_process_group_together(tmp_path):
+    """Rank 1 has nothing to do while rank 0 writes the report: it must not destroy the group
+    (and exit, with Gloo's threads still running) before rank 0 is done with it."""
+    data = tiny_data(TRAIN["n"])
+    torch.save({"train_x": data.train_x, "test_x": data.test_x}, tmp_path / "data.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, "cli",
+           str(tmp_path), "--data", str(tmp_path / "data.pt"), "--steps", "3", "--epochs", "0", "--batch-size", "8",
+           "--code-dim", "4", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACN_DIST_TIMEOUT_S": "60", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HARD_LIMIT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    events = {}
+    for r in range(2):
+        for line in (tmp_path / f"events_rank{r}.txt").read_text().splitlines():
+            event, when = line.split()
+            events[r, event] = float(when)
+    assert set(events) == {(0, "report"), (0, "destroy"), (1, "destroy")}
+    assert events[1, "destroy"] >= events[0, "report"], (
+        f"rank 1 destroyed the process group {events[0, 'report'] - events[1, 'destroy']:.1f} s before rank 0 "
+        "wrote its report")
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "cli":  # a torchrun rank of test_torchrun_ranks_leave_the_process_group_together
+        sys.exit(_cli_rank(sys.argv[2], sys.argv[3:]))
     _rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])

@@ -407,7 +407,10 @@ def process_group(device: str = "cpu") -> Iterator[tuple[DistributedRuntime, str
     MASTER_ADDR, ...), destroyed on exit: yields the runtime and this rank's device.
 
     Gloo for a CPU ``device``, NCCL for ``"cuda"`` (rank r uses cuda:LOCAL_RANK). The timeout of
-    the process group is ``ACN_DIST_TIMEOUT_S`` seconds (default 600).
+    the process group is ``ACN_DIST_TIMEOUT_S`` seconds (default 600). When the body returns,
+    every rank waits in one barrier for the others (rank 0's writes included, so they must end
+    within the timeout) before the group is destroyed; when it raises, the group is destroyed
+    at once (:func:`agree` has already made every rank raise).
     """
     cuda = device.startswith("cuda")
     timeout = datetime.timedelta(seconds=float(os.environ.get("ACN_DIST_TIMEOUT_S", "600")))
@@ -417,6 +420,14 @@ def process_group(device: str = "cpu") -> Iterator[tuple[DistributedRuntime, str
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
         yield DistributedRuntime(device=device), device
+        # Why the barrier: DistributedDataParallel keeps references to the process group, so
+        # destroy_process_group does not stop Gloo's threads, and each rank's interpreter shuts
+        # down with them still running. Without the barrier a rank with nothing left to do (rank 1
+        # while rank 0 writes the report) shut down and exited while its peer still used the group;
+        # under load a CI run died there (SIGABRT, "terminate called without an active
+        # exception"). With it the ranks leave together, after every rank's last collective and
+        # rank 0's last write.
+        dist.barrier(device_ids=[torch.device(device).index] if cuda else None)
     finally:
         dist.destroy_process_group()
 
