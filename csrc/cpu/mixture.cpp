@@ -1,15 +1,15 @@
 // CPU kernels of the mixture log-likelihood (forward and backward) and the ACN KL on top of it.
 //
-// Work split: at::parallel_for over rows b; inside a row, blocks of kLanes consecutive dimensions
-// are processed lane-wise (the innermost loops run over lanes, with no branches and the
-// vectorisable acn_exp/acn_log of acn_math.h, so GCC emits SIMD code for them). Components are
-// consumed in chunks of kChunk with an online log-sum-exp, so any M works with a fixed buffer.
-// Blocks run across row boundaries, and every block has all kLanes lanes: the one partial block
-// of a parallel task is staged through a zero-padded copy. With a run-time lane count in every
-// row's last block GCC kept those loops scalar, which made the backward 3x slower at D = 24 or
-// 25 than at D = 16 or 32 (issue 16). Every lane loop is an
-// omp simd loop, the short initialisations too: left alone, GCC unrolls those completely, and
-// that kept the backward's component loop scalar (10x slower).
+// Work split: at::parallel_for over rows b; a task's rows are one run of elements (b, d), cut into
+// blocks of kLanes consecutive elements (across row boundaries) that are processed lane-wise (the
+// innermost loops run over lanes, with no branches and the vectorisable acn_exp/acn_log of
+// acn_math.h, so GCC emits SIMD code for them). Components are consumed in chunks of kChunk with
+// an online log-sum-exp, so any M works with a fixed buffer. Every block has all kLanes lanes: a
+// task's one partial block is staged through a zero-padded copy. (Per-row blocks with a run-time
+// lane count in each row's last one had GCC keep those loops scalar: the backward was 3x slower at
+// D = 24 or 25 than at D = 16 or 32, issue 16.) Every lane loop is an omp simd loop, the short
+// initialisations too: left alone, GCC unrolls those completely, and that kept the backward's
+// component loop scalar (10x slower).
 //
 // The row loops are compiled three times, for AVX-512, AVX2+FMA and the baseline ISA, and the best
 // one the CPU runs is picked at run time (as in masked_topk.cpp, with the same ACN_CPU_ISA cap):
@@ -33,13 +33,12 @@
 #include "cpu_isa.h"
 #include "acn_math.h"
 
-// Fused multiply-add contraction on (ISO C++ turns it off by default): the lane loops are exp/log
-// polynomials, and FMA makes the forward and the backward about 18% faster on AVX2 and AVX-512,
-// which the issue-16 goal (forward + backward 1.5x ahead of torch.compile at M = 10) needs. The
-// price: the baseline (SSE2) variant has no FMA and may differ from the others in the last bits,
-// and a recomputed joint term may differ from the forward's by an ulp (a responsibility of
-// 1 + ulp at most); the CUDA kernels contract too (nvcc's default).
-#pragma GCC optimize("fp-contract=fast")
+// No fused multiply-add contraction: every ISA variant then performs the same IEEE operations in
+// the same order per lane, so results are bitwise independent of the CPU the kernel runs on (and
+// the forward's saved log-sum-exps match the backward's recomputed terms exactly). Contraction
+// would make both directions about 18% faster on AVX2/AVX-512 (measured for issue 16), but it
+// also moves training results by more than test_distributed's 2-rank tolerance allows.
+#pragma GCC optimize("fp-contract=off")
 
 // The row loops are inlined into each ISA variant (below), so each is compiled for its own ISA.
 #define ACN_BODY inline __attribute__((always_inline))
@@ -455,7 +454,7 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
 }
 
 // One copy of the row loops per ISA. The attributes only widen the instruction set: the same
-// source and operations, up to the FMA contraction above.
+// source, the same operations (no contraction, see above), so the variants agree bitwise.
 #define ACN_ROWS_VARIANT(SUFFIX, TARGET, TR)                                                         \
   template <typename scalar_t>                                                                    \
   TARGET void fwd_rows_##SUFFIX(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg,      \
