@@ -192,12 +192,10 @@ def _select(q, be, rows, bn, k, excl, fmax, chunk_elems):
     if nq == 0 or n_ok == 0:
         return out
     eps = torch.finfo(dt).eps
-    # With u = eps / 2 and gamma_n = n u: a direct-form distance is within gamma_(D+3) of the
-    # exact one (relative), an expanded one within 2 gamma_(D+2) (|q|^2 + |b|^2), for any
-    # summation order (FMA included). Both are taken with 2x-4x room, plus a few smallest
-    # normals for underflow.
-    gam = (dim + 4) * eps
+    gam = (dim + 4) * eps  # relative error of a direct-form distance (with 2x room)
     qn = _norms(q)
+    # |expanded - exact| <= 2 gamma_D (|q|^2 + |b|^2) for any summation order; 2x room again,
+    # plus a few smallest normals for underflow.
     err = 4 * (dim + 4) * eps * (qn + bn.max()) + 64 * torch.finfo(dt).tiny
     todo = torch.arange(nq, device=q.device)
     full = ~torch.isfinite(4 * err)
