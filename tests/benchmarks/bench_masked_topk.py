@@ -52,7 +52,9 @@ CPU_POINTS = grid([
     (1024, 100_000, 128, 133, 0.5),
     (128, 200_000, 32, 133, 0.0),
 ])
-CPU_IMPLS = ["acn_cpu", "torch", "faiss_masked", "faiss_unmasked"]
+# acn_torch: the "torch" backend (acn_kernels.reference, the exact oracle and the automatic
+# fallback without the extension), which must stay within 10x of acn_cpu (issue 16).
+CPU_IMPLS = ["acn_cpu", "acn_torch", "torch", "faiss_masked", "faiss_unmasked"]
 
 # GPU: (B, N, D, K, masked fraction, dtype), over the issue's grid (B 128..4096, N 6e4..1e7,
 # D 16..256, K 1..1024, 0% and 50% masked). GPU_FIXED: the goal shape at K = 5, 128, 1024, and a
