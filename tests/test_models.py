@@ -261,3 +261,14 @@ def test_pixelcnn_old_state_is_refused_by_name():
 def test_pixelcnn_sizes_checked(name, value):
     with pytest.raises(ValueError, match=f"PixelCNNDecoder {name} must be an integer >= 1"):
         PixelCNNDecoder(3, SHAPE, **{name: value})
+
+
+def test_pixelcnn_first_layer_folds_its_embedding():
+    """The first layer's convolutions of the image equal the convolutions of its embedding (the
+    padded image embedded, then convolved), computed in float64."""
+    torch.manual_seed(0)
+    layer = PixelCNNDecoder(3, (2, 8, 8), channels=4, layers=2).layers[0].double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64) * 10 + 5
+    for conv, pad in ((layer.v, layer.v_pad), (layer.h, layer.h_pad)):
+        padded = torch.nn.functional.pad(x, pad)
+        torch.testing.assert_close(layer._conv(conv, padded), conv(layer.embed(padded)), rtol=1e-12, atol=1e-10)

@@ -151,6 +151,14 @@ class _GatedLayer(nn.Module):
     depends on pixels before (i, j) in raster order only, without a blind spot. z enters both
     stacks' gates through a per-layer linear map. The ``last`` layer's vertical output would
     feed nothing: it computes only the horizontal stack (and returns None for the vertical).
+
+    The first layer reads the image itself but holds its weights factorised, as a 1x1 embedding
+    of the image into ``channels`` features (``embed``) followed by convolutions of those: that
+    product is what a PixelCNN with an embedding layer learns, and its gradient steps train the
+    first layer as fast as such a network does (a first layer with only C x kernel-area weights
+    per output learns markedly slower: measured, docs/acn.md), yet the forward pass folds the
+    product into one convolution of the C-channel image, so the wide masked first convolution
+    of such a network is never run.
     """
 
     def __init__(self, in_channels: int, channels: int, kernel: int, code_dim: int, first: bool,
@@ -158,8 +166,9 @@ class _GatedLayer(nn.Module):
         super().__init__()
         half, shift = kernel // 2, int(first)
         self.first, self.last = first, last
-        self.v = nn.Conv2d(in_channels, 2 * channels, (half + 1 - shift, kernel))
-        self.h = nn.Conv2d(in_channels, 2 * channels, (1, half + 1 - shift))
+        self.embed = nn.Conv2d(in_channels, channels, 1) if first else None
+        self.v = nn.Conv2d(channels, 2 * channels, (half + 1 - shift, kernel))
+        self.h = nn.Conv2d(channels, 2 * channels, (1, half + 1 - shift))
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
         self.cond = nn.Linear(code_dim, (2 if last else 4) * channels)
@@ -167,6 +176,17 @@ class _GatedLayer(nn.Module):
         # output at row i (column j) then ends at input row i - 1 (column j - 1).
         self.v_pad = (half, half, half, -shift)
         self.h_pad = (half, -shift, 0, 0)
+
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv`` of the features of x; in the first layer of x's embedding, folded into one
+        convolution of x: weight [O, C, kh, kw] . embed [C, C_in] -> [O, C_in, kh, kw], and the
+        embedding's bias summed over the taps into the bias."""
+        if self.embed is None:
+            return conv(x)
+        e = self.embed.weight[:, :, 0, 0]
+        weight = torch.einsum("ocij,cn->onij", conv.weight, e)
+        bias = conv.bias + torch.einsum("ocij,c->o", conv.weight, self.embed.bias)
+        return F.conv2d(x, weight, bias)
 
     @staticmethod
     def _gate(a: torch.Tensor) -> torch.Tensor:
@@ -178,8 +198,8 @@ class _GatedLayer(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         cond = self.cond(z)[:, :, None, None]
         cv, ch = (None, cond) if self.last else cond.chunk(2, 1)
-        v = self.v(F.pad(xv, self.v_pad))
-        h = self.h(F.pad(xh, self.h_pad))
+        v = self._conv(self.v, F.pad(xv, self.v_pad))
+        h = self._conv(self.h, F.pad(xh, self.h_pad))
         out_v = None if cv is None else self._gate(v + cv)
         out_h = self.h_out(self._gate(h + self.v_to_h(v) + ch))
         return out_v, (out_h if self.first else out_h + xh)
@@ -211,7 +231,7 @@ class PixelCNNDecoder(nn.Module):
         self.image_shape = tuple(image_shape)
         self.likelihood = _likelihood(likelihood, self.image_shape)
         self.layers = nn.ModuleList(
-            _GatedLayer(image_shape[0] if i == 0 else channels, channels, 7 if i == 0 else 3, code_dim,
+            _GatedLayer(image_shape[0], channels, 7 if i == 0 else 3, code_dim,
                         first=i == 0, last=i == layers - 1)
             for i in range(layers)
         )
