@@ -351,6 +351,7 @@ def test_compare_mean_and_std_over_seeds(tmp_path, seeded_runs, capsys):
     acn-eval's own for each run; the references and the curves come along."""
     _, root, runs = seeded_runs
     out, ev = str(tmp_path / "cmp"), str(tmp_path / "ev")
+    open(os.path.join(root, "vae-s0.log"), "w").close()  # beside the runs: the pattern skips it
     argv = ["--runs", f"acn={','.join(runs['acn'])}", f"vae={os.path.join(root, 'vae-s*')}", "--out", out,
             "--no-grids"]
     assert cli.compare_main(argv) == 0
@@ -401,6 +402,7 @@ def test_compare_bad_input_one_line_naming_the_argument(tmp_path, seeded_runs, c
         (["--runs", "acn="], "argument --runs: expected MODEL=RUN[,RUN...], got 'acn='"),
         (["--runs", f"acn={tmp_path / 'missing'}"], "argument --runs: acn: "),
         (["--runs", f"acn={root}/nothing-*"], "matches no run"),
+        (["--runs", f"acn={root}/*.log"], "matches no run"),
         (["--runs", f"acn={empty}"], f"argument --runs: {empty / CHECKPOINT}: no such checkpoint"),
         (["--runs", f"acn={acn}", f"acn={runs['vae'][0]}"], "argument --runs: a model label is given twice"),
         (["--runs", f"acn={acn}", f"b={runs['acn'][1]}"], "is the same run as one of acn"),

@@ -361,13 +361,16 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def model_runs(text: str) -> tuple[str, list[str]]:
     """An argparse type: ``MODEL=RUN[,RUN...]``, each RUN a run folder, a checkpoint file or a
-    glob pattern of them (quoted, so that acn-compare expands it) that matches at least one."""
+    glob pattern (quoted, so that acn-compare expands it) of which the folders holding a
+    checkpoint.pt and the .pt files count (not, say, the logs beside them): at least one."""
     label, sep, runs = text.partition("=")
     if not sep or not label or not runs:
         raise argparse.ArgumentTypeError(f"expected MODEL=RUN[,RUN...], got {text!r}")
     found: list[str] = []
     for item in filter(None, runs.split(",")):
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        matches = ([m for m in sorted(glob.glob(item))
+                    if os.path.isfile(os.path.join(m, CHECKPOINT)) or (os.path.isfile(m) and m.endswith(".pt"))]
+                   if glob.has_magic(item) else [item])
         if not matches:
             raise argparse.ArgumentTypeError(f"{label}: the pattern {item!r} matches no run")
         for run in matches:
