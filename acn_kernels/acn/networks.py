@@ -241,10 +241,10 @@ class PixelCNNDecoder(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         if f"{prefix}embed.weight" in state_dict:
             raise RuntimeError(
-                f"the state of {prefix or 'the decoder'!r} is of the PixelCNN decoder before issue 15 (a 1x1 "
-                f"embedding and masked convolutions, its {prefix}embed.* entries): the decoder now reads the image "
-                "directly with unmasked one-sided convolutions, and these weights do not map onto it; retrain "
-                "the run (acn-train --decoder pixelcnn ...)")
+                f"this is a state of the PixelCNN decoder before issue 15 (a 1x1 embedding and masked "
+                f"convolutions: it has {prefix}embed.* entries); the decoder now folds its embedding into "
+                "unmasked one-sided convolutions of the image, a different function at the image borders, so "
+                "these weights are not loaded: retrain the run (acn-train --decoder pixelcnn ...)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
