@@ -374,7 +374,7 @@ def test_compare_mean_and_std_over_seeds(tmp_path, seeded_runs, capsys):
             assert [r["heldout"] for r in per_run] == [r["heldout"] for r in single]
     assert result["runs"]["acn"][0]["heldout"] != result["runs"]["acn"][1]["heldout"]  # seeds differ
     md = open(os.path.join(out, "eval.md")).read()
-    assert "| acn | 2 (2, 2) |" in md and " ± " in md and "| pixels (reference) |" in md
+    assert "| acn | 2 (2/6, 2/6) |" in md and " ± " in md and "| pixels (reference) |" in md
     assert os.path.getsize(os.path.join(out, "curves.png")) > 0
     assert "n=1" not in capsys.readouterr().err
 

@@ -60,13 +60,14 @@ def _cell(s: dict[str, Any], scale: float, digits: int, unit: str = "") -> str:
 
 
 def table(models: dict[str, dict[str, Any]], references: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per model (mean ± std over its runs, the number of runs and their
+    """Markdown: one row per model (mean ± std over its runs, the number of runs, and the
+    completed passes / optimiser steps of each: a run stopped mid-pass has more steps than its
     passes), then one row per reference (pixels, PCA: a single deterministic fit each)."""
-    lines = ["| model | runs (passes) | held-out KL | held-out recon | held-out total | bits/dim | linear probe "
+    lines = ["| model | runs (passes/steps) | held-out KL | held-out recon | held-out total | bits/dim | linear probe "
              "| k-NN (k=5) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, agg in models.items():
         h, rep = agg["heldout"], agg["representation"]
-        passes = ", ".join(str(r["passes"]) for r in agg["runs"])
+        passes = ", ".join(f"{r['passes']}/{r['steps']}" for r in agg["runs"])
         cells = [_cell(h[k], 1, 2) for k in ("test_kl", "test_recon", "test_loss")] + [_cell(h["test_bpd"], 1, 4)]
         cells += [_cell(rep[k], 100, 1, "%") for k in REPRESENTATION_KEYS]
         lines.append(f"| {name} | {len(agg['runs'])} ({passes}) | {' | '.join(cells)} |")
