@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from acn_kernels.acn import cli
+from acn_kernels.acn import cli, compare
 from acn_kernels.acn.checkpoint import CHECKPOINT
 
 
@@ -350,3 +351,97 @@ def test_capturable_flag(capsys, tmp_path, digits, monkeypatch):
     monkeypatch.setattr(module, "process_group", lambda *a: pytest.fail("joined the process group"))
     err = usage_error(capsys, cli.train_main, [*small(digits, str(tmp_path / "ddp")), "--capturable"])
     assert "argument --capturable: a data-parallel run's sharded bank has no capturable mode" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: acn-compare, seeds per model -> mean and standard deviation
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory) -> tuple[str, str, dict[str, list[str]]]:
+    """Tiny runs (6 steps: two passes of 40 images) of two models, two seeds each, on 8x8 digits:
+    (data, folder, {model: [run folders]})."""
+    root = tmp_path_factory.mktemp("seeded")
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(50, 8, 8, generator=gen) < 0.3).float()
+    y = torch.arange(50) % 2
+    data = str(root / "digits.pt")
+    torch.save({"train_x": x[:40], "train_y": y[:40], "test_x": x[40:], "test_y": y[40:]}, data)
+    runs: dict[str, list[str]] = {}
+    for model in ("acn", "vae"):
+        for seed in (0, 1):
+            out = str(root / f"{model}-s{seed}")
+            argv = [*small(data, out), "--model", model, "--seed", str(seed), "--steps", "6", "--no-report"]
+            assert cli.train_main(argv) == 0
+            runs.setdefault(model, []).append(out)
+    return data, str(root), runs
+
+
+def test_compare_mean_and_std_over_seeds(tmp_path, seeded_runs, capsys):
+    """Every number of every model is the mean and sample std of the per-run numbers, which are
+    acn-eval's own for each run; the references and the curves come along."""
+    _, root, runs = seeded_runs
+    out, ev = str(tmp_path / "cmp"), str(tmp_path / "ev")
+    open(os.path.join(root, "vae-s0.log"), "w").close()  # beside the runs: the pattern skips it
+    argv = ["--runs", f"acn={','.join(runs['acn'])}", f"vae={os.path.join(root, 'vae-s*')}", "--out", out,
+            "--no-grids"]
+    assert cli.compare_main(argv) == 0
+    result = strict_json(os.path.join(out, "eval.json"))
+    assert set(result["models"]) == {"acn", "vae"} and set(result["references"]) == {"pixels", "pca16"}
+    assert cli.eval_main([*runs["acn"], "--out", ev, "--no-grids", "--no-baselines"]) == 0
+    single = list(strict_json(os.path.join(ev, "eval.json")).values())
+    for model in ("acn", "vae"):
+        agg, per_run = result["models"][model], result["runs"][model]
+        assert [r["name"] for r in agg["runs"]] == [f"{model}-s0", f"{model}-s1"]
+        assert [r["passes"] for r in agg["runs"]] == [2, 2] and [r["seed"] for r in per_run] == [0, 1]
+        for section, keys in (("heldout", compare.HELDOUT_KEYS), ("representation", compare.REPRESENTATION_KEYS)):
+            for key in keys:
+                values = [r[section][key] for r in per_run]
+                s = agg[section][key]
+                assert s["n"] == 2 and s["values"] == values
+                assert s["mean"] == pytest.approx(np.mean(values))
+                assert s["std"] == pytest.approx(np.std(values, ddof=1))
+        if model == "acn":  # the per-run numbers are acn-eval's
+            assert [r["heldout"] for r in per_run] == [r["heldout"] for r in single]
+    assert result["runs"]["acn"][0]["heldout"] != result["runs"]["acn"][1]["heldout"]  # seeds differ
+    md = open(os.path.join(out, "eval.md")).read()
+    assert "| acn | 2 (2/6, 2/6) |" in md and " ± " in md and "| pixels (reference) |" in md
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    assert "n=1" not in capsys.readouterr().err
+
+
+def test_compare_one_run_says_std_is_undefined(tmp_path, seeded_runs, capsys):
+    _, _, runs = seeded_runs
+    out = str(tmp_path / "cmp")
+    assert cli.compare_main(["--runs", f"acn={runs['acn'][0]}", "--out", out, "--no-grids", "--no-baselines"]) == 0
+    assert "acn: one run, so no standard deviation (n=1)" in capsys.readouterr().err
+    s = strict_json(os.path.join(out, "eval.json"))["models"]["acn"]["heldout"]["test_loss"]
+    assert s["n"] == 1 and s["std"] is None and "undefined (n=1)" in s["note"]
+    assert "(n=1, no std)" in open(os.path.join(out, "eval.md")).read()
+
+
+def test_compare_bad_input_one_line_naming_the_argument(tmp_path, seeded_runs, capsys):
+    data, root, runs = seeded_runs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = str(tmp_path / "other")
+    assert cli.train_main([*small(data, other), "--code-dim", "3", "--steps", "3", "--no-report"]) == 0
+    acn = ",".join(runs["acn"])
+    cases = [
+        ([], "the following arguments are required: --runs"),
+        (["--runs", "acn"], "argument --runs: expected MODEL=RUN[,RUN...], got 'acn'"),
+        (["--runs", "acn="], "argument --runs: expected MODEL=RUN[,RUN...], got 'acn='"),
+        (["--runs", f"acn={tmp_path / 'missing'}"], "argument --runs: acn: "),
+        (["--runs", f"acn={root}/nothing-*"], "matches no run"),
+        (["--runs", f"acn={root}/*.log"], "matches no run"),
+        (["--runs", f"acn={empty}"], f"argument --runs: {empty / CHECKPOINT}: no such checkpoint"),
+        (["--runs", f"acn={acn}", f"acn={runs['vae'][0]}"], "argument --runs: a model label is given twice"),
+        (["--runs", f"acn={acn}", f"b={runs['acn'][1]}"], "is the same run as one of acn"),
+        (["--runs", f"acn={runs['acn'][0]},{other}"], "differs from the first run of acn in more than the seed: "
+                                                      "code_dim 3 (first run: 4)"),
+        (["--runs", f"acn={acn}", "--threads", "0"], "argument --threads"),
+    ]
+    for argv, message in cases:
+        err = usage_error(capsys, cli.compare_main, [*argv, "--out", str(tmp_path / "cmp"), "--no-grids"])
+        assert err.startswith("acn-compare: error: ") and message in err, (argv, err)
+    assert not os.path.exists(tmp_path / "cmp" / "eval.json")

@@ -209,3 +209,66 @@ def test_build_model():
         build_model("gan", num_codes=10)
     with pytest.raises(ValueError, match="code_dim"):
         ACN(MLPEncoder(4, SHAPE), MLPDecoder(4, SHAPE), MixturePrior(4, hidden=8), CodeBank(10, 5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15: the PixelCNN decoder without masks (one-sided padding), conditioned in every gate
+
+
+def test_pixelcnn_sees_every_earlier_pixel_and_no_later_one():
+    """Five layers reach the whole 8x8 image, so output (i, j) must depend on every pixel before
+    (i, j) in raster order (no blind spot) and on no other."""
+    torch.manual_seed(0)
+    dec = PixelCNNDecoder(3, SHAPE, channels=8, layers=5)
+    z, x = torch.randn(1, 3), images(1).requires_grad_(True)
+    h, w = SHAPE[1:]
+    order = torch.arange(h * w).view(h, w)
+    for i, j in [(0, 0), (0, 5), (3, 0), (4, 3), (7, 7)]:
+        (g,) = torch.autograd.grad(dec(z, x)[0, 0, i, j], x)
+        assert torch.equal(g[0, 0] != 0, order < i * w + j), (i, j)
+
+
+def test_pixelcnn_conditions_every_gate_on_z():
+    """Every layer's conditioning reaches the output: both stacks' halves, except the last
+    layer's, whose vertical stack would feed nothing and is not computed."""
+    torch.manual_seed(0)
+    dec = PixelCNNDecoder(3, SHAPE, channels=4, layers=3)
+    out = dec(torch.randn(2, 3), images(2)).sum()
+    grads = torch.autograd.grad(out, [layer.cond.weight for layer in dec.layers])
+    for n, g in enumerate(grads):
+        halves = [g] if n == len(grads) - 1 else g.chunk(2, 0)
+        assert g.shape[0] == (8 if n == len(grads) - 1 else 16)
+        assert all(float(part.abs().sum()) > 0 for part in halves), n
+
+
+def test_pixelcnn_old_state_is_refused_by_name():
+    """A state of the masked decoder before issue 15 (its embed.* entries) fails with a message
+    that says so, as a CheckpointError through checkpoint.load_state."""
+    from acn_kernels.acn.checkpoint import CheckpointError, load_state
+
+    model = build_model("vae", num_codes=10, image_shape=SHAPE, decoder="pixelcnn", code_dim=3)
+    state = model.state_dict()
+    state["decoder.embed.weight"], state["decoder.embed.bias"] = torch.zeros(32, 1, 1, 1), torch.zeros(32)
+    with pytest.raises(RuntimeError, match=r"PixelCNN decoder before issue 15.*decoder\.embed\.\* entries"):
+        model.load_state_dict(state)
+    with pytest.raises(CheckpointError, match=r"old\.pt: the model state does not fit.*before issue 15"):
+        load_state(model, state, "old.pt: the model state")
+    del state["decoder.embed.weight"], state["decoder.embed.bias"]
+    model.load_state_dict(state)  # today's state loads
+
+
+@pytest.mark.parametrize(("name", "value"), [("channels", 0), ("layers", 0), ("layers", 2.0), ("channels", True)])
+def test_pixelcnn_sizes_checked(name, value):
+    with pytest.raises(ValueError, match=f"PixelCNNDecoder {name} must be an integer >= 1"):
+        PixelCNNDecoder(3, SHAPE, **{name: value})
+
+
+def test_pixelcnn_first_layer_folds_its_embedding():
+    """The first layer's convolutions of the image equal the convolutions of its embedding (the
+    padded image embedded, then convolved), computed in float64."""
+    torch.manual_seed(0)
+    layer = PixelCNNDecoder(3, (2, 8, 8), channels=4, layers=2).layers[0].double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64) * 10 + 5
+    for conv, pad in ((layer.v, layer.v_pad), (layer.h, layer.h_pad)):
+        padded = torch.nn.functional.pad(x, pad)
+        torch.testing.assert_close(layer._conv(conv, padded), conv(layer.embed(padded)), rtol=1e-12, atol=1e-10)

@@ -8,6 +8,7 @@ acn_kernels.acn.cli [options]`` runs :func:`train_main` on every rank (docs/dist
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 from ..ops import MAX_K
+from . import compare
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -301,41 +303,57 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    """``acn-eval RUN [RUN ...]``: evaluate trained runs (folders holding checkpoint.pt, or
-    checkpoint files), with the raw-pixel and PCA references."""
-    p = Parser(prog="acn-eval", description=eval_main.__doc__)
-    p.add_argument("runs", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
-    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+def _evaluate_run(p: argparse.ArgumentParser, argument: str, run: str, out: str,
+                  args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig, ImageData, list[dict[str, float]]]:
+    """Load run ``run`` (a folder holding checkpoint.pt, or a checkpoint file) and evaluate it
+    into ``out`` (:func:`~acn_kernels.acn.evaluate.write_report`, options ``args.device``,
+    ``args.no_grids``, ``args.daydream_steps``): (its results with "config" and "steps" added, its
+    config, its data, its history: the per-pass rows of its checkpoint). A missing or unusable
+    checkpoint ends in ``p.error`` naming ``argument``."""
+    path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        p.error(f"argument {argument}: {path}: no such checkpoint")
+    try:
+        ckpt = load_checkpoint(path)
+        config = TrainConfig(**ckpt["config"])
+        data = load_data(p, config)
+        model = build(p, config, data)
+        load_state(model, ckpt["model"], f"{path}: the model state")
+    except CheckpointError as e:
+        p.error(f"argument {argument}: {e}")
+    model.to(args.device)
+    res = write_report(model, data, out, seed=config.seed, device=args.device, grids=not args.no_grids,
+                       daydream_steps=args.daydream_steps)
+    res["config"] = ckpt["config"]
+    res["steps"] = ckpt["position"]["step"]
+    return res, config, data, ckpt["history"]
+
+
+def _evaluation_options(p: argparse.ArgumentParser, out: str) -> None:
+    """The options acn-eval and acn-compare share."""
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (as acn-train's --threads)")
     p.add_argument("--daydream-steps", type=nonneg_int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and PCA references")
     p.add_argument("--no-grids", action="store_true",
                    help="skip the image grids (slow for an autoregressive decoder: one pass per pixel)")
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``acn-eval RUN [RUN ...]``: evaluate trained runs (folders holding checkpoint.pt, or
+    checkpoint files), with the raw-pixel and PCA references."""
+    p = Parser(prog="acn-eval", description=eval_main.__doc__)
+    p.add_argument("runs", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
+    _evaluation_options(p, "runs/eval")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     results: dict[str, dict[str, Any]] = {}
     data = None
     for run in args.runs:
-        path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
-        if not os.path.isfile(path):
-            p.error(f"argument runs: {path}: no such checkpoint")
-        try:
-            ckpt = load_checkpoint(path)
-            config = TrainConfig(**ckpt["config"])
-            data = load_data(p, config)
-            model = build(p, config, data)
-            load_state(model, ckpt["model"], f"{path}: the model state")
-        except CheckpointError as e:
-            p.error(f"argument runs: {e}")
-        model.to(args.device)
-        name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(path)))
-        res = write_report(model, data, os.path.join(args.out, name), seed=config.seed, device=args.device,
-                           grids=not args.no_grids, daydream_steps=args.daydream_steps)
-        res["config"] = ckpt["config"]
-        res["steps"] = ckpt["position"]["step"]
+        name = compare.run_name(run)
+        res, config, data, _ = _evaluate_run(p, "runs", run, os.path.join(args.out, name), args)
         results[f"{name} ({config.model}, {config.decoder}, {config.likelihood}, {res['steps']} steps)"] = res
     if not args.no_baselines and data is not None and data.train_y is not None and data.test_y is not None:
         for name, rep in baselines(data).items():
@@ -349,7 +367,103 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["eval_main", "parser", "train_main"]
+# ------------------------------------------------------------------------------------------------
+# acn-compare
+
+
+def model_runs(text: str) -> tuple[str, list[str]]:
+    """An argparse type: ``MODEL=RUN[,RUN...]``, each RUN a run folder, a checkpoint file or a
+    glob pattern (quoted, so that acn-compare expands it) of which the folders holding a
+    checkpoint.pt and the .pt files count (not, say, the logs beside them): at least one."""
+    label, sep, runs = text.partition("=")
+    if not sep or not label or not runs:
+        raise argparse.ArgumentTypeError(f"expected MODEL=RUN[,RUN...], got {text!r}")
+    found: list[str] = []
+    for item in filter(None, runs.split(",")):
+        matches = ([m for m in sorted(glob.glob(item))
+                    if os.path.isfile(os.path.join(m, CHECKPOINT)) or (os.path.isfile(m) and m.endswith(".pt"))]
+                   if glob.has_magic(item) else [item])
+        if not matches:
+            raise argparse.ArgumentTypeError(f"{label}: the pattern {item!r} matches no run")
+        for run in matches:
+            if not os.path.exists(run):
+                raise argparse.ArgumentTypeError(f"{label}: {run}: no such run folder or checkpoint")
+            found.append(run)
+    if not found:
+        raise argparse.ArgumentTypeError(f"{label}: no runs given in {text!r}")
+    return label, found
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """``acn-compare --runs MODEL=RUN,RUN... [MODEL=...]``: evaluate several runs (seeds) per
+    model as acn-eval does and report the mean and standard deviation over each model's runs of
+    every number (held-out KL, reconstruction and total nats, bits/dim, linear-probe and k-NN
+    accuracy) with the raw-pixel and PCA references, in eval.json and eval.md, and the held-out
+    curves of all runs in curves.png."""
+    p = Parser(prog="acn-compare", description=compare_main.__doc__)
+    p.add_argument("--runs", type=model_runs, nargs="+", required=True, metavar="MODEL=RUN[,RUN...]",
+                   help="a model's label and its runs (folders with checkpoint.pt, checkpoint files or quoted "
+                   "glob patterns), e.g. acn=runs/acn-s0,runs/acn-s1 vae='runs/vae-s*'")
+    _evaluation_options(p, "runs/compare")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    labels = [label for label, _ in args.runs]
+    if len(set(labels)) < len(labels):
+        p.error(f"argument --runs: a model label is given twice ({', '.join(labels)}); list all its runs in one "
+                "MODEL=RUN,RUN...")
+    seen: dict[str, str] = {}
+    for label, runs in args.runs:
+        for run in runs:
+            real = os.path.realpath(os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run)
+            if real in seen:
+                p.error(f"argument --runs: {run} ({label}) is the same run as one of {seen[real]}")
+            seen[real] = label
+
+    models: dict[str, dict[str, Any]] = {}
+    per_run: dict[str, list[dict[str, Any]]] = {}
+    histories: dict[str, list[list[dict[str, float]]]] = {}
+    data = first = None
+    for label, runs in args.runs:
+        results, histories[label], options = [], [], None
+        for run in runs:
+            name = compare.run_name(run)
+            res, config, run_data, history = _evaluate_run(p, "--runs", run, os.path.join(args.out, label, name),
+                                                           args)
+            model_options = {key: getattr(config, key) for key in MODEL_OPTIONS if key != "seed"}
+            if options is None:
+                options = model_options
+            elif model_options != options:
+                differ = [f"{key} {model_options[key]!r} (first run: {options[key]!r})" for key in options
+                          if model_options[key] != options[key]]
+                p.error(f"argument --runs: {label}: {run} differs from the first run of {label} in more than the "
+                        f"seed: {'; '.join(differ)}")
+            if first is None:
+                first, data = (config.data, config.likelihood), run_data
+            elif (config.data, config.likelihood) != first:
+                p.error(f"argument --runs: {run} ({label}) is trained on {config.data} ({config.likelihood}), "
+                        f"the first run on {first[0]} ({first[1]}): compare runs on the same data")
+            results.append({**res, "name": name, "seed": config.seed, "passes": len(history)})
+            histories[label].append(history)
+        models[label] = compare.aggregate(results)
+        per_run[label] = results
+        one = [key for key, s in models[label]["heldout"].items() if s["n"] == 1]
+        if one:
+            print(f"acn-compare: {label}: one run, so no standard deviation (n=1)", file=sys.stderr)
+    references: dict[str, dict[str, Any]] = {}
+    if not args.no_baselines and data is not None and data.train_y is not None and data.test_y is not None:
+        references = baselines(data)
+    os.makedirs(args.out, exist_ok=True)
+    remove_stale_temporaries(args.out)
+    write_json(os.path.join(args.out, "eval.json"),
+               {"models": models, "references": references, "runs": per_run})
+    table = compare.table(models, references)
+    atomic_write(os.path.join(args.out, "eval.md"), table + "\n")
+    compare.plot_curves(histories, os.path.join(args.out, "curves.png"))
+    print(table)
+    return 0
+
+
+__all__ = ["compare_main", "eval_main", "parser", "train_main"]
 
 if __name__ == "__main__":
     sys.exit(train_main())

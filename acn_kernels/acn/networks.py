@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,27 +141,52 @@ class ConvDecoder(nn.Module):
 class _GatedLayer(nn.Module):
     """One gated PixelCNN layer (van den Oord et al., 2016) with vertical and horizontal stacks.
 
-    The vertical stack at row i sees only rows < i of the image (the first layer masks its own
-    row; later ones read vertical features that already obey that); the horizontal stack at (i, j)
-    sees row i left of j (the first layer masks column j) plus the vertical features of row i.
-    So output (i, j) depends on pixels before (i, j) in raster order only, without a blind spot.
+    Causality comes from one-sided padding, not from masks, so no multiply-add is spent on a
+    weight that a mask would zero. The vertical stack at row i sees only rows < i of the image:
+    the first layer's (kernel // 2) x kernel convolution reads the rows above i (padded on top,
+    the last row dropped); a later layer's (kernel // 2 + 1) x kernel one reads rows i - kernel // 2
+    .. i of vertical features that already obey that. The horizontal stack at (i, j) sees row i
+    left of j (the first layer reads columns j - kernel // 2 .. j - 1, a later one .. j of
+    horizontal features) plus the vertical features of row i (a 1x1 link), so output (i, j)
+    depends on pixels before (i, j) in raster order only, without a blind spot. z enters both
+    stacks' gates through a per-layer linear map. The ``last`` layer's vertical output would
+    feed nothing: it computes only the horizontal stack (and returns None for the vertical).
+
+    The first layer reads the image itself but holds its weights factorised, as a 1x1 embedding
+    of the image into ``channels`` features (``embed``) followed by convolutions of those: that
+    product is what a PixelCNN with an embedding layer learns, and its gradient steps train the
+    first layer as fast as such a network does (a first layer with only C x kernel-area weights
+    per output learns markedly slower: measured, docs/acn.md), yet the forward pass folds the
+    product into one convolution of the C-channel image, so the wide masked first convolution
+    of such a network is never run.
     """
 
-    def __init__(self, channels: int, kernel: int, code_dim: int, first: bool) -> None:
+    def __init__(self, in_channels: int, channels: int, kernel: int, code_dim: int, first: bool,
+                 last: bool = False) -> None:
         super().__init__()
-        half = kernel // 2
-        self.first = first
-        self.v = nn.Conv2d(channels, 2 * channels, (half + 1, kernel), padding=(half, half))
-        self.h = nn.Conv2d(channels, 2 * channels, (1, half + 1), padding=(0, half))
+        half, shift = kernel // 2, int(first)
+        self.first, self.last = first, last
+        self.embed = nn.Conv2d(in_channels, channels, 1) if first else None
+        self.v = nn.Conv2d(channels, 2 * channels, (half + 1 - shift, kernel))
+        self.h = nn.Conv2d(channels, 2 * channels, (1, half + 1 - shift))
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
-        self.cond = nn.Linear(code_dim, 4 * channels)
-        v_mask, h_mask = torch.ones_like(self.v.weight), torch.ones_like(self.h.weight)
-        if first:  # the first layer must not see the pixel itself: drop its own row / column
-            v_mask[:, :, -1] = 0
-            h_mask[:, :, :, -1] = 0
-        self.register_buffer("v_mask", v_mask, persistent=False)
-        self.register_buffer("h_mask", h_mask, persistent=False)
+        self.cond = nn.Linear(code_dim, (2 if last else 4) * channels)
+        # F.pad (left, right, top, bottom); -1 drops the last row / column: the first layer's
+        # output at row i (column j) then ends at input row i - 1 (column j - 1).
+        self.v_pad = (half, half, half, -shift)
+        self.h_pad = (half, -shift, 0, 0)
+
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv`` of the features of x; in the first layer of x's embedding, folded into one
+        convolution of x: weight [O, C, kh, kw] . embed [C, C_in] -> [O, C_in, kh, kw], and the
+        embedding's bias summed over the taps into the bias."""
+        if self.embed is None:
+            return conv(x)
+        e = self.embed.weight[:, :, 0, 0]
+        weight = torch.einsum("ocij,cn->onij", conv.weight, e)
+        bias = conv.bias + torch.einsum("ocij,c->o", conv.weight, self.embed.bias)
+        return F.conv2d(x, weight, bias)
 
     @staticmethod
     def _gate(a: torch.Tensor) -> torch.Tensor:
@@ -169,12 +195,12 @@ class _GatedLayer(nn.Module):
 
     def forward(
         self, xv: torch.Tensor, xh: torch.Tensor, z: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hgt, wid = xv.shape[-2:]
-        cv, ch = self.cond(z)[:, :, None, None].chunk(2, 1)
-        v = F.conv2d(xv, self.v.weight * self.v_mask, self.v.bias, padding=self.v.padding)[:, :, :hgt]
-        h = F.conv2d(xh, self.h.weight * self.h_mask, self.h.bias, padding=self.h.padding)[:, :, :, :wid]
-        out_v = self._gate(v + cv)
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        cond = self.cond(z)[:, :, None, None]
+        cv, ch = (None, cond) if self.last else cond.chunk(2, 1)
+        v = self._conv(self.v, F.pad(xv, self.v_pad))
+        h = self._conv(self.h, F.pad(xh, self.h_pad))
+        out_v = None if cv is None else self._gate(v + cv)
         out_h = self.h_out(self._gate(h + self.v_to_h(v) + ch))
         return out_v, (out_h if self.first else out_h + xh)
 
@@ -184,10 +210,14 @@ class PixelCNNDecoder(nn.Module):
 
     ``forward(z, x)`` gives the likelihood's parameters of every pixel at once by teacher forcing
     (x [B, C, H, W] on the likelihood's grid); :meth:`sample` draws pixel by pixel (H * W network
-    evaluations). Each layer is conditioned on z through a per-layer linear map added inside its
-    gates. The channels of a pixel depend on the pixels before it only, and on each other only
-    as far as the likelihood couples them (the logistic mixture does; Bernoulli and the
-    categorical treat them as independent: fine for C = 1).
+    evaluations). The first layer (7 wide) reads the image itself, 2x - 1, the later ones (3
+    wide) ``channels`` features; each layer is conditioned on z through a per-layer linear map
+    added inside its gates. The channels of a pixel depend on the pixels before it only, and on
+    each other only as far as the likelihood couples them (the logistic mixture does; Bernoulli
+    and the categorical treat them as independent: fine for C = 1).
+
+    The state of the decoder before issue 15 (a 1x1 embedding, then masked convolutions; it
+    has ``embed.*`` entries) does not load into this one: :meth:`load_state_dict` says so.
     """
 
     autoregressive = True
@@ -195,20 +225,33 @@ class PixelCNNDecoder(nn.Module):
     def __init__(self, code_dim: int = 16, image_shape: ImageShape = MNIST_SHAPE, channels: int = 32,
                  layers: int = 5, *, likelihood: Likelihood | None = None) -> None:
         super().__init__()
+        for name, value in (("channels", channels), ("layers", layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PixelCNNDecoder {name} must be an integer >= 1, got {value!r}")
         self.image_shape = tuple(image_shape)
         self.likelihood = _likelihood(likelihood, self.image_shape)
-        self.embed = nn.Conv2d(image_shape[0], channels, 1)
         self.layers = nn.ModuleList(
-            _GatedLayer(channels, 7 if i == 0 else 3, code_dim, first=i == 0) for i in range(layers)
+            _GatedLayer(image_shape[0], channels, 7 if i == 0 else 3, code_dim,
+                        first=i == 0, last=i == layers - 1)
+            for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
                                   nn.Conv2d(channels, self.likelihood.param_channels, 1))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if f"{prefix}embed.weight" in state_dict:
+            raise RuntimeError(
+                f"this is a state of the PixelCNN decoder before issue 15 (a 1x1 embedding and masked "
+                f"convolutions: it has {prefix}embed.* entries); the decoder now folds its embedding into "
+                "unmasked one-sided convolutions of the image, a different function at the image borders, so "
+                "these weights are not loaded: retrain the run (acn-train --decoder pixelcnn ...)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         if x is None:
             raise ValueError("PixelCNNDecoder needs the image x (teacher forcing); use sample() to generate")
         _check_images(x, self.image_shape)
-        xv = xh = self.embed(2.0 * x - 1.0)
+        xv = xh = 2.0 * x - 1.0
         for layer in self.layers:
             xv, xh = layer(xv, xh, z)
         return self.head(xh)
