@@ -1,4 +1,5 @@
-// CUDA kernels of the mixture log-likelihood (forward, backward) and the ACN KL on top of it.
+// CUDA kernels of the mixture log-likelihood (forward, backward) and the ACN KL on top of it,
+// with the unit posterior N(code, I) or a diagonal one (its log-scale pls).
 // The per-element formulas are those of include/acn_math.h, shared with the CPU kernel
 // (csrc/cpu/mixture.cpp, the spec in code); only the work split differs:
 //   forward:  a group of W lanes (W = D rounded up to a power of two, at most 32) per row b; each
@@ -26,7 +27,8 @@ __global__ void __launch_bounds__(kThreads)
     mixture_fwd_kernel(int64_t B, int64_t D, int64_t M, int W, const scalar_t* __restrict__ z,
                        const scalar_t* __restrict__ lg, const scalar_t* __restrict__ mu,
                        const scalar_t* __restrict__ ls, const scalar_t* __restrict__ code,
-                       bool per_dim, acc_type_t<scalar_t>* __restrict__ out,
+                       const scalar_t* __restrict__ pls, bool per_dim,
+                       acc_type_t<scalar_t>* __restrict__ out,
                        acc_type_t<scalar_t>* __restrict__ lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t total = B * W;
@@ -68,7 +70,13 @@ __global__ void __launch_bounds__(kThreads)
         lse[2 * e] = big_t;
         lse[2 * e + 1] = lz;
         acc_t v = big_t - lz;
-        if (code) v = std_normal_log_prob(zz, to_acc(code[e])) - v;
+        if (code) {
+          // The unit posterior with literal (0, 1): the same operations as before pls existed.
+          const acc_t c = to_acc(code[e]);
+          const acc_t lsq = pls ? to_acc(pls[e]) : acc_t(0);
+          v = (pls ? gaussian_log_prob(zz, c, lsq, acn_exp(-lsq))
+                   : gaussian_log_prob(zz, c, acc_t(0), acc_t(1))) - v;
+        }
         if (per_dim)
           out[e] = v;
         else
@@ -87,10 +95,11 @@ __global__ void __launch_bounds__(kThreads)
     mixture_bwd_kernel(int64_t B, int64_t D, int64_t M, const acc_type_t<scalar_t>* __restrict__ grad,
                        const scalar_t* __restrict__ z, const scalar_t* __restrict__ lg,
                        const scalar_t* __restrict__ mu, const scalar_t* __restrict__ ls,
-                       const scalar_t* __restrict__ code, const acc_type_t<scalar_t>* __restrict__ lse,
-                       bool per_dim, scalar_t* __restrict__ dz, scalar_t* __restrict__ dlg,
+                       const scalar_t* __restrict__ code, const scalar_t* __restrict__ pls,
+                       const acc_type_t<scalar_t>* __restrict__ lse, bool per_dim,
+                       scalar_t* __restrict__ dz, scalar_t* __restrict__ dlg,
                        scalar_t* __restrict__ dmu, scalar_t* __restrict__ dls,
-                       scalar_t* __restrict__ dcode) {
+                       scalar_t* __restrict__ dcode, scalar_t* __restrict__ dpls) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t n = B * D;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
@@ -98,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t p = e * M;
     const acc_t zz = to_acc(z[e]);
     const acc_t go = per_dim ? grad[e] : grad[e / D];
-    const acc_t g = code ? -go : go;  // KL = log N(z; c, I) - log p
+    const acc_t g = code ? -go : go;  // KL = log q(z) - log p
     const acc_t big_t = lse[2 * e], lz = lse[2 * e + 1];
     acc_t mxl = -inf_v<acc_t>();  // the logits' shift, as in the forward
     for (int64_t m = 0; m < M; ++m) mxl = max_of(mxl, to_acc(lg[p + m]));
@@ -113,9 +122,17 @@ __global__ void __launch_bounds__(kThreads)
       dls[p + m] = from_acc<scalar_t>(ds);
     }
     if (code) {
-      const acc_t err = zz - to_acc(code[e]);
-      gz -= go * err;  // d/dz log N(z; c, 1) = -(z - c)
-      dcode[e] = from_acc<scalar_t>(go * err);
+      // The posterior's gradients in the same pass; pls is uniform over the grid (no divergence),
+      // and the literal inv_s = 1 keeps the unit posterior's operations as before pls existed.
+      const acc_t c = to_acc(code[e]);
+      acc_t dc, dq;
+      if (pls) {
+        gz += gaussian_grads(go, zz, c, acn_exp(-to_acc(pls[e])), &dc, &dq);
+        dpls[e] = from_acc<scalar_t>(dq);
+      } else {
+        gz += gaussian_grads(go, zz, c, acc_t(1), &dc, &dq);
+      }
+      dcode[e] = from_acc<scalar_t>(dc);
     }
     dz[e] = from_acc<scalar_t>(gz);
   }
@@ -132,7 +149,8 @@ int lanes_per_row(int64_t D) {
 
 cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z,
                         const void* logits, const void* means, const void* log_scales,
-                        const void* code, bool per_dim, void* out, void* lse, cudaStream_t stream) {
+                        const void* code, const void* pls, bool per_dim, void* out, void* lse,
+                        cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
   return dispatch_dtype(dt, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -141,7 +159,8 @@ cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z
     mixture_fwd_kernel<scalar_t><<<grid_for(B * W, kThreads), kThreads, 0, stream>>>(
         B, D, M, W, static_cast<const scalar_t*>(z), static_cast<const scalar_t*>(logits),
         static_cast<const scalar_t*>(means), static_cast<const scalar_t*>(log_scales),
-        static_cast<const scalar_t*>(code), per_dim, static_cast<acc_t*>(out),
+        static_cast<const scalar_t*>(code), static_cast<const scalar_t*>(pls), per_dim,
+        static_cast<acc_t*>(out),
         static_cast<acc_t*>(lse));
     return cudaGetLastError();
   });
@@ -149,9 +168,9 @@ cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z
 
 cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* grad,
                         const void* z, const void* logits, const void* means,
-                        const void* log_scales, const void* code, const void* lse, bool per_dim,
-                        void* dz, void* dlogits, void* dmeans, void* dlog_scales, void* dcode,
-                        cudaStream_t stream) {
+                        const void* log_scales, const void* code, const void* pls,
+                        const void* lse, bool per_dim, void* dz, void* dlogits, void* dmeans,
+                        void* dlog_scales, void* dcode, void* dpls, cudaStream_t stream) {
   if (B * D <= 0) return cudaSuccess;
   return dispatch_dtype(dt, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -160,9 +179,10 @@ cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* g
         B, D, M, static_cast<const acc_t*>(grad), static_cast<const scalar_t*>(z),
         static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(means),
         static_cast<const scalar_t*>(log_scales), static_cast<const scalar_t*>(code),
-        static_cast<const acc_t*>(lse), per_dim, static_cast<scalar_t*>(dz),
-        static_cast<scalar_t*>(dlogits), static_cast<scalar_t*>(dmeans),
-        static_cast<scalar_t*>(dlog_scales), static_cast<scalar_t*>(dcode));
+        static_cast<const scalar_t*>(pls), static_cast<const acc_t*>(lse), per_dim,
+        static_cast<scalar_t*>(dz), static_cast<scalar_t*>(dlogits),
+        static_cast<scalar_t*>(dmeans), static_cast<scalar_t*>(dlog_scales),
+        static_cast<scalar_t*>(dcode), static_cast<scalar_t*>(dpls));
     return cudaGetLastError();
   });
 }
