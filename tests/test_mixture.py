@@ -488,6 +488,18 @@ def test_issue16_double_backward_raises_or_is_exact(backend, device):
     assert torch.autograd.gradgradcheck(lambda *t: acn_kernels.acn_kl(*t, backend="torch"), leaves)
 
 
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("kind", MIXTURE_KINDS)
+@pytest.mark.parametrize("d", [0, 1, 3, 15, 17, 24, 25])
+def test_issue16_blocks_across_rows(backend, device, dtype, kind, d):
+    """The CPU kernel's 16-element blocks run across row boundaries (a per-row split left
+    D % 16 lanes idle in every row): every D below, at and off a multiple of 16, row sums and
+    per-dimension values, forward and every gradient, with M inside (2, 8) and outside (17)
+    the flat-layout range."""
+    for m in (2, 8, 17):
+        check_mixture(kind, backend, mixture_inputs(5, d, m, seed=d * 10 + m, dtype=dtype, device=device))
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 13: one Gaussian per dimension (as_mixture) and its closed-form KL (gaussian_kl)
 

@@ -1,14 +1,15 @@
 // CPU kernels of the mixture log-likelihood (forward and backward) and the ACN KL on top of it.
 //
-// Work split: at::parallel_for over rows b; inside a row, blocks of kLanes consecutive dimensions
-// are processed lane-wise (the innermost loops run over lanes, with no branches and the
-// vectorisable acn_exp/acn_log of acn_math.h, so GCC emits SIMD code for them). Components are
-// consumed in chunks of kChunk with an online log-sum-exp, so any M works with a fixed buffer.
-// Every block has all kLanes lanes: the last block of a row with D % kLanes != 0 is staged
-// through a zero-padded copy. With a run-time lane count GCC kept those loops scalar, which made
-// the backward 3x slower at D = 24 or 25 than at D = 16 or 32 (issue 16). Every lane loop is an
-// omp simd loop, the short initialisations too: left alone, GCC unrolls those completely, and
-// that kept the backward's component loop scalar (10x slower).
+// Work split: at::parallel_for over rows b; a task's rows are one run of elements (b, d), cut into
+// blocks of kLanes consecutive elements (across row boundaries) that are processed lane-wise (the
+// innermost loops run over lanes, with no branches and the vectorisable acn_exp/acn_log of
+// acn_math.h, so GCC emits SIMD code for them). Components are consumed in chunks of kChunk with
+// an online log-sum-exp, so any M works with a fixed buffer. Every block has all kLanes lanes: a
+// task's one partial block is staged through a zero-padded copy. (Per-row blocks with a run-time
+// lane count in each row's last one had GCC keep those loops scalar: the backward was 3x slower at
+// D = 24 or 25 than at D = 16 or 32, issue 16.) Every lane loop is an omp simd loop, the short
+// initialisations too: left alone, GCC unrolls those completely, and that kept the backward's
+// component loop scalar (10x slower).
 //
 // The row loops are compiled three times, for AVX-512, AVX2+FMA and the baseline ISA, and the best
 // one the CPU runs is picked at run time (as in masked_topk.cpp, with the same ACN_CPU_ISA cap):
@@ -34,7 +35,9 @@
 
 // No fused multiply-add contraction: every ISA variant then performs the same IEEE operations in
 // the same order per lane, so results are bitwise independent of the CPU the kernel runs on (and
-// the forward's saved log-sum-exps match the backward's recomputed terms exactly).
+// the forward's saved log-sum-exps match the backward's recomputed terms exactly). Contraction
+// would make both directions about 18% faster on AVX2/AVX-512 (measured for issue 16), but it
+// also moves training results by more than test_distributed's 2-rank tolerance allows.
 #pragma GCC optimize("fp-contract=off")
 
 // The row loops are inlined into each ISA variant (below), so each is compiled for its own ISA.
@@ -140,7 +143,7 @@ ACN_AVX512_FN void spread(int64_t M, int64_t k, const float* const (&v)[N], floa
   for (int i = 0; i < N; ++i) _mm512_storeu_ps(out[i], _mm512_permutexvar_ps(l, _mm512_loadu_ps(v[i])));
 }
 
-// The flat vectors that hold the first n lanes' components, ceil(n * M / 16): a staged last block
+// The flat vectors that hold the first n lanes' components, ceil(n * M / 16): a staged partial block
 // computes only those. The rest of the flat buffer (read by the transpose, for discarded lanes)
 // is zeroed.
 inline int64_t flat_vectors(int64_t n, int64_t M, float* flat) {
@@ -269,13 +272,15 @@ ACN_BODY void fwd_block(int64_t M, int64_t n, const scalar_t* z, const scalar_t*
   fwd_finish(mxt, st, sl, bt, lz);
 }
 
-// The zero-padded copy of a row's last block, n < kLanes lanes: z [kLanes], then each of the
+// The zero-padded copy of a partial block, n < kLanes lanes: z [kLanes], then each of the
 // [kLanes, M] parameter arrays. The lanes from n on stay zero (a finite, discarded element).
+// count: the elements of the range the blocks cover (a buffer only if count % kLanes != 0).
 template <typename scalar_t>
 struct TailStage {
   std::vector<scalar_t> buf;
   int64_t M;
-  TailStage(int64_t D, int64_t M_) : buf(D % kLanes ? kLanes * (1 + 3 * M_) : 0, scalar_t(0)), M(M_) {}
+  TailStage(int64_t count, int64_t M_)
+      : buf(count % kLanes ? kLanes * (1 + 3 * M_) : 0, scalar_t(0)), M(M_) {}
   scalar_t* z() { return buf.data(); }
   scalar_t* param(int k) { return buf.data() + kLanes + k * kLanes * M; }
   void load(const scalar_t* z_src, const scalar_t* const (&p_src)[3], int64_t n) {
@@ -284,39 +289,49 @@ struct TailStage {
   }
 };
 
+// Rows b0 .. b1 as one run of elements e = b * D + d: blocks take kLanes consecutive elements
+// across row boundaries, so only the run's last block can be partial (a per-row block split left
+// D % 16 lanes idle in every row: a third of the work at D = 24, 13/16 at D = 3). Row sums
+// still add a row's values in order of d.
 template <typename scalar_t, bool kFlat>
 ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
               const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
               at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t D = a.D, M = a.M;
-  TailStage<scalar_t> tail(D, M);
-  for (int64_t b = b0; b < b1; ++b) {
-    acc_t row = 0;
-    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-      const int64_t n = std::min(kLanes, D - d0);
-      const int64_t e0 = b * D + d0;
-      acc_t bt[kLanes], lz[kLanes];
-      if (n == kLanes) {
-        fwd_block<scalar_t, kFlat>(M, n, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
+  const int64_t D = a.D, M = a.M, e_end = b1 * D;
+  if (D == 0) {
+    for (int64_t b = b0; b < (a.per_dim ? b0 : b1); ++b) out[b] = 0;  // empty sums
+    return;
+  }
+  TailStage<scalar_t> tail(e_end - b0 * D, M);
+  int64_t b = b0, d = 0;  // the row and dimension of the next element
+  acc_t row = 0;
+  for (int64_t e0 = b0 * D; e0 < e_end; e0 += kLanes) {
+    const int64_t n = std::min(kLanes, e_end - e0);
+    acc_t bt[kLanes], lz[kLanes];
+    if (n == kLanes) {
+      fwd_block<scalar_t, kFlat>(M, n, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz);
+    } else {
+      tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+      fwd_block<scalar_t, kFlat>(M, n, tail.z(), tail.param(0), tail.param(1), tail.param(2), bt, lz);
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      lse[2 * (e0 + l)] = bt[l];
+      lse[2 * (e0 + l) + 1] = lz[l];
+      const acc_t zz = static_cast<acc_t>(z[e0 + l]);
+      acc_t v = bt[l] - lz[l];
+      if (code) v = acn::std_normal_log_prob(zz, static_cast<acc_t>(code[e0 + l])) - v;
+      if (a.per_dim) {
+        out[e0 + l] = v;
       } else {
-        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
-        fwd_block<scalar_t, kFlat>(M, n, tail.z(), tail.param(0), tail.param(1), tail.param(2),
-                                         bt, lz);
-      }
-      for (int64_t l = 0; l < n; ++l) {
-        lse[2 * (e0 + l)] = bt[l];
-        lse[2 * (e0 + l) + 1] = lz[l];
-        const acc_t zz = static_cast<acc_t>(z[e0 + l]);
-        acc_t v = bt[l] - lz[l];
-        if (code) v = acn::std_normal_log_prob(zz, static_cast<acc_t>(code[e0 + l])) - v;
-        if (a.per_dim)
-          out[e0 + l] = v;
-        else
-          row += v;
+        row += v;
+        if (++d == D) {
+          out[b++] = row;
+          row = 0;
+          d = 0;
+        }
       }
     }
-    if (!a.per_dim) out[b] = row;
   }
 }
 
@@ -396,43 +411,44 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
               const at::opmath_type<scalar_t>* lse, scalar_t* dz, scalar_t* dlg, scalar_t* dmu,
               scalar_t* dls, scalar_t* dcode, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t D = a.D, M = a.M;
-  TailStage<scalar_t> tail(D, M);
-  std::vector<scalar_t> tail_grads(D % kLanes ? 3 * kLanes * M : 0);  // dlg, dmu, dls of the tail
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-      const int64_t n = std::min(kLanes, D - d0);
-      const int64_t e0 = b * D + d0;
-      // Padding lanes (l >= n) get g = 0 and finite T, Lz: their results are discarded.
-      acc_t g[kLanes] = {}, gz[kLanes], bt[kLanes] = {}, lz[kLanes] = {};
-      for (int64_t l = 0; l < n; ++l) {
-        const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
-        g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
-        bt[l] = lse[2 * (e0 + l)];
-        lz[l] = lse[2 * (e0 + l) + 1];
+  const int64_t D = a.D, M = a.M, e_end = b1 * D;  // blocks as in fwd_rows
+  TailStage<scalar_t> tail(e_end - b0 * D, M);
+  std::vector<scalar_t> tail_grads(tail.buf.empty() ? 0 : 3 * kLanes * M);  // dlg, dmu, dls
+  int64_t b = b0, d = 0;  // the row and dimension of the next element
+  for (int64_t e0 = b0 * D; e0 < e_end; e0 += kLanes) {
+    const int64_t n = std::min(kLanes, e_end - e0);
+    // Padding lanes (l >= n) get g = 0 and finite T, Lz: their results are discarded.
+    acc_t g[kLanes] = {}, gz[kLanes], bt[kLanes] = {}, lz[kLanes] = {};
+    for (int64_t l = 0; l < n; ++l) {
+      const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
+      g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
+      bt[l] = lse[2 * (e0 + l)];
+      lz[l] = lse[2 * (e0 + l) + 1];
+      if (++d == D) {
+        d = 0;
+        ++b;
       }
-      if (n == kLanes) {
-        bwd_block<scalar_t, kFlat>(M, n, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt,
-                                         lz, dlg + e0 * M, dmu + e0 * M, dls + e0 * M, gz);
-      } else {
-        tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
-        scalar_t* tg = tail_grads.data();
-        bwd_block<scalar_t, kFlat>(M, n, g, tail.z(), tail.param(0), tail.param(1),
-                                         tail.param(2), bt, lz, tg, tg + kLanes * M,
-                                         tg + 2 * kLanes * M, gz);
-        std::copy(tg, tg + n * M, dlg + e0 * M);
-        std::copy(tg + kLanes * M, tg + kLanes * M + n * M, dmu + e0 * M);
-        std::copy(tg + 2 * kLanes * M, tg + 2 * kLanes * M + n * M, dls + e0 * M);
+    }
+    if (n == kLanes) {
+      bwd_block<scalar_t, kFlat>(M, n, g, z + e0, lg + e0 * M, mu + e0 * M, ls + e0 * M, bt, lz,
+                                 dlg + e0 * M, dmu + e0 * M, dls + e0 * M, gz);
+    } else {
+      tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
+      scalar_t* tg = tail_grads.data();
+      bwd_block<scalar_t, kFlat>(M, n, g, tail.z(), tail.param(0), tail.param(1), tail.param(2), bt,
+                                 lz, tg, tg + kLanes * M, tg + 2 * kLanes * M, gz);
+      std::copy(tg, tg + n * M, dlg + e0 * M);
+      std::copy(tg + kLanes * M, tg + kLanes * M + n * M, dmu + e0 * M);
+      std::copy(tg + 2 * kLanes * M, tg + 2 * kLanes * M + n * M, dls + e0 * M);
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      if (code) {
+        const acc_t e = static_cast<acc_t>(z[e0 + l]) - static_cast<acc_t>(code[e0 + l]);
+        const acc_t go = -g[l];
+        gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
+        dcode[e0 + l] = static_cast<scalar_t>(go * e);
       }
-      for (int64_t l = 0; l < n; ++l) {
-        if (code) {
-          const acc_t e = static_cast<acc_t>(z[e0 + l]) - static_cast<acc_t>(code[e0 + l]);
-          const acc_t go = -g[l];
-          gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
-          dcode[e0 + l] = static_cast<scalar_t>(go * e);
-        }
-        dz[e0 + l] = static_cast<scalar_t>(gz[l]);
-      }
+      dz[e0 + l] = static_cast<scalar_t>(gz[l]);
     }
   }
 }

@@ -41,8 +41,10 @@ POINTS = grid([
     (1024, 100_000, 128, 133, 0.5),
     (128, 200_000, 32, 133, 0.0),
 ])
-IMPLS = ["acn_cuda", "acn_triton", "torch"] if DEVICE == "cuda" else ["acn_cpu", "torch", "faiss_masked",
-                                                                      "faiss_unmasked"]
+# acn_torch: the "torch" backend (acn_kernels.reference, the exact oracle and the automatic
+# fallback without the extension), which must stay within 10x of acn_cpu (issue 16).
+IMPLS = ["acn_cuda", "acn_triton", "torch"] if DEVICE == "cuda" else ["acn_cpu", "acn_torch", "torch",
+                                                                      "faiss_masked", "faiss_unmasked"]
 # The torch peer's distance block (B x chunk floats) stays under this many bytes.
 TORCH_BLOCK_BYTES = 256 * 2**20
 
