@@ -84,3 +84,38 @@ def test_nothing_imports_scripts():
         if path.name != "test_scripts.py" and "spec_from_file_location" in text:
             # Loading by file path is for the runnable examples under python/ only.
             assert not re.search(r"""["']scripts\b""", text), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: scripts/ci_cuda_check.sh keeps its cache (a venv whose Python it runs) only where no
+# other user can write
+
+
+def _private_dir(path: pathlib.Path) -> subprocess.CompletedProcess:
+    """The script's private_dir function, run on its own (the script itself compiles with nvcc
+    and installs a CUDA torch before it gets there)."""
+    text = (ROOT / "scripts" / "ci_cuda_check.sh").read_text()
+    fn = re.search(r"^private_dir\(\) \{\n.*?^\}\n", text, re.M | re.S)
+    assert fn, "private_dir() not found in scripts/ci_cuda_check.sh"
+    return subprocess.run(["bash", "-c", f'{fn.group(0)}\nprivate_dir "$1"', "sh", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ci_cuda_cache_is_private(tmp_path):
+    """A new cache folder is created 0700 and used; one that others can write, or one below a
+    folder that others can write (and that is not sticky), is refused with a FAIL line. (The
+    cache used to be a fixed path in the shared temporary folder.)"""
+    tmp_path.chmod(0o700)
+    fresh = _private_dir(tmp_path / "a" / "cache")
+    assert fresh.returncode == 0 and fresh.stdout.strip() == str(tmp_path / "a" / "cache"), fresh.stderr
+    assert (tmp_path / "a" / "cache").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = _private_dir(shared)
+    assert out.returncode != 0 and "FAIL:" in out.stderr and "writable by it alone" in out.stderr
+    out = _private_dir(shared / "cache")
+    assert out.returncode != 0 and "can be written by others" in out.stderr
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot rename what is ours
+    ok = _private_dir(shared / "cache2")
+    assert ok.returncode == 0, ok.stderr
