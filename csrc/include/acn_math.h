@@ -163,7 +163,9 @@ ACN_HD T component_grads(T g, T z, T logit, T shift, T mu, T log_s, T big_t, T l
   const T inv_s = acn_exp(-log_s);
   const T u = (z - mu) * inv_s;
   const T l = logit - shift;
-  const T t = l - log_s - Constants<T>::half_log_2pi - T(0.5) * u * u;
+  // The forward's expression, so that a compiler that contracts multiply-adds does so alike in
+  // both and r below is consistent with the saved T.
+  const T t = joint_term(z, logit, shift, mu, log_s, inv_s);
   // A row whose every term is -inf (T == -inf) has log p = -inf and, by contract, zero gradients.
   const bool dead = big_t == -inf_v<T>();
   const T r_raw = acn_exp(t - big_t);  // computed unconditionally: a select, not a branch
