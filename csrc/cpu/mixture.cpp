@@ -296,9 +296,9 @@ struct TailStage {
 
 // The posterior's log q (acn::gaussian_log_prob) of n consecutive elements, to lq. Lane loops of
 // their own: inside the scalar loop that adds row sums, the exp kept them scalar and cost more
-// than the PyTorch composition it replaces. Without pls the unit posterior, log-scale 0 and
-// inverse scale 1: with no contraction (above) exactly the operations of -0.5 (z - c)^2 -
-// log(2 pi) / 2, as before the log-scale existed.
+// than the PyTorch composition it replaces. Without pls the unit posterior with literal
+// log-scale 0 and inverse scale 1, which fold away: the expression of -0.5 (z - c)^2 -
+// log(2 pi) / 2 as before the log-scale existed, contracted alike.
 template <typename scalar_t>
 ACN_BODY void posterior_log_prob(int64_t n, const scalar_t* z, const scalar_t* c, const scalar_t* pls,
                                  at::opmath_type<scalar_t>* lq) {
