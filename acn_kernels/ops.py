@@ -39,13 +39,13 @@ def _op(backend: str, name: str):
     return getattr(torch.ops.acn_kernels, f"triton_{name}")
 
 
-def _mixture(z, code, logits, means, log_scales, per_dim, backend):
+def _mixture(z, code, logits, means, log_scales, per_dim, backend, posterior_log_scale=None):
     be = resolve("mixture", backend, z.device, z.dtype)
     if be == "torch":
         if code is None:
             return reference.mixture_log_prob(z, logits, means, log_scales, per_dim)
-        return reference.acn_kl(z, code, logits, means, log_scales)
-    return _op(be, "mixture_fwd")(z, logits, means, log_scales, code, per_dim)[0]
+        return reference.acn_kl(z, code, logits, means, log_scales, posterior_log_scale)
+    return _op(be, "mixture_fwd")(z, logits, means, log_scales, code, per_dim, posterior_log_scale)[0]
 
 
 def mixture_log_prob(
@@ -88,15 +88,12 @@ def acn_kl(
     N(code, I), or with ``posterior_log_scale`` [B, D] the diagonal Gaussian
     N(code, diag(exp(2 posterior_log_scale))). Its expectation over z ~ q is KL(q || p); at a
     fixed z (z = code in evaluation) it is not the KL (docs/design.md; :func:`gaussian_kl` is the
-    closed form for M = 1). Differentiable in every input. Without ``posterior_log_scale`` fused
-    in one kernel on the compiled backends; with it, log p is the fused kernel and log q, an
-    elementwise term, plain PyTorch.
+    closed form for M = 1). Differentiable in every input, ``posterior_log_scale`` included; on
+    the compiled backends log q and log p are one fused kernel, and the gradients one fused
+    backward.
     """
     check_mixture(z, logits, means, log_scales, code, need_code=True, posterior_log_scale=posterior_log_scale)
-    if posterior_log_scale is None:
-        return _mixture(z, code, logits, means, log_scales, False, backend)
-    log_q = reference.gaussian_log_prob(z, code, posterior_log_scale)
-    return log_q - _mixture(z, None, logits, means, log_scales, False, backend)
+    return _mixture(z, code, logits, means, log_scales, False, backend, posterior_log_scale)
 
 
 def masked_topk(

@@ -74,8 +74,9 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tens
         return (-0.5 * e * e - HALF_LOG_2PI).sum(-1)
     ls = log_scale.to(dt)
     # e * exp(-ls), not e / exp(ls): a tiny scale overflows v to inf (log q -> -inf), no inf / inf.
+    # The log-scale subtracted last, as in the kernels (acn::gaussian_log_prob).
     v = e * torch.exp(-ls)
-    return (-0.5 * v * v - ls - HALF_LOG_2PI).sum(-1)
+    return (-0.5 * v * v - HALF_LOG_2PI - ls).sum(-1)
 
 
 def acn_kl(

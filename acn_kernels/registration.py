@@ -20,32 +20,38 @@ def register_mixture(fwd_name: str, bwd_name: str) -> None:
     bwd = getattr(torch.ops.acn_kernels, bwd_name.split("::")[-1])
 
     @torch.library.register_fake(fwd_name)
-    def _fwd_fake(z, logits, means, log_scales, code, per_dim):
+    def _fwd_fake(z, logits, means, log_scales, code, per_dim, posterior_log_scale=None):
         torch._check(logits.shape[:2] == z.shape)
         acc = reference.acc_dtype(z.dtype)
         out = z.new_empty(z.shape, dtype=acc) if per_dim else z.new_empty(z.shape[:1], dtype=acc)
         return out, z.new_empty((*z.shape, 2), dtype=acc)
 
     @torch.library.register_fake(bwd_name)
-    def _bwd_fake(grad_out, z, logits, means, log_scales, code, lse, per_dim):
-        dcode = torch.empty_like(z) if code is not None else z.new_empty((0,))
+    def _bwd_fake(grad_out, z, logits, means, log_scales, code, lse, per_dim, posterior_log_scale=None):
+        def optional(t):
+            return torch.empty_like(z) if t is not None else z.new_empty((0,))
+
         return (torch.empty_like(z), torch.empty_like(logits), torch.empty_like(means),
-                torch.empty_like(log_scales), dcode)
+                torch.empty_like(log_scales), optional(code), optional(posterior_log_scale))
 
     def setup_context(ctx, inputs, output):
-        z, logits, means, log_scales, code, per_dim = inputs
-        ctx.save_for_backward(z, logits, means, log_scales, code, output[1])
+        # Defaults filled in: the posterior log-scale is there (None) even where a call left it out.
+        z, logits, means, log_scales, code, per_dim, pls = inputs
+        ctx.save_for_backward(z, logits, means, log_scales, code, pls, output[1])
         ctx.per_dim = per_dim
         ctx.has_code = code is not None
+        ctx.has_scale = pls is not None
         ctx.set_materialize_grads(False)  # lse has no gradient: no [B, D, 2] of zeros per call
 
     def backward(ctx, grad_out, _grad_lse):
         if grad_out is None:  # only lse was used; it is not differentiated
-            return None, None, None, None, None, None
-        z, logits, means, log_scales, code, lse = ctx.saved_tensors
-        dz, dl, dm, ds, dc = bwd(grad_out.contiguous(), z, logits, means, log_scales,
-                                 code if ctx.has_code else None, lse, ctx.per_dim)
-        return dz, dl, dm, ds, (dc if ctx.has_code else None), None
+            return (None,) * 7
+        z, logits, means, log_scales, code, pls, lse = ctx.saved_tensors
+        dz, dl, dm, ds, dc, dq = bwd(grad_out.contiguous(), z, logits, means, log_scales,
+                                     code if ctx.has_code else None, lse, ctx.per_dim,
+                                     pls if ctx.has_scale else None)
+        # Seven, also for a call that left out the log-scale: autograd drops trailing Nones.
+        return dz, dl, dm, ds, (dc if ctx.has_code else None), None, (dq if ctx.has_scale else None)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 

@@ -12,7 +12,8 @@ static void check_float(const at::Tensor& t, const char* name) {
 }
 
 void check_mixture_args(const at::Tensor& z, const at::Tensor& logits, const at::Tensor& means,
-                        const at::Tensor& log_scales, const c10::optional<at::Tensor>& code) {
+                        const at::Tensor& log_scales, const c10::optional<at::Tensor>& code,
+                        const c10::optional<at::Tensor>& posterior_log_scale) {
   TORCH_CHECK(z.dim() == 2, "z must have shape [B, D], got ", z.sizes());
   check_float(z, "z");
   const std::pair<const at::Tensor*, const char*> params[] = {
@@ -36,6 +37,17 @@ void check_mixture_args(const at::Tensor& z, const at::Tensor& logits, const at:
                 " but z has dtype ", z.scalar_type());
     TORCH_CHECK(code->device() == z.device(), "code is on ", code->device(), " but z is on ",
                 z.device());
+  }
+  if (posterior_log_scale.has_value()) {
+    const at::Tensor& p = *posterior_log_scale;
+    TORCH_CHECK(code.has_value(), "code must be a [B, D] tensor (the posterior mean), got None");
+    check_float(p, "posterior_log_scale");
+    TORCH_CHECK(p.sizes() == z.sizes(), "posterior_log_scale has shape ", p.sizes(),
+                " but z has shape ", z.sizes());
+    TORCH_CHECK(p.scalar_type() == z.scalar_type(), "posterior_log_scale has dtype ",
+                p.scalar_type(), " but z has dtype ", z.scalar_type());
+    TORCH_CHECK(p.device() == z.device(), "posterior_log_scale is on ", p.device(),
+                " but z is on ", z.device());
   }
 }
 

@@ -14,17 +14,23 @@
 
 TORCH_LIBRARY(acn_kernels, m) {
   // Mixture log-likelihood. Returns (out, lse):
-  //   lse [B, D] = log p(z_d | mixture_d) (float32, float64 for float64 inputs), saved for backward;
-  //   out = lse, or sum_d lse ([B]) when per_dim is false; with `code` given, the KL estimate
-  //   log N(z; code, I) - log p replaces log p in `out` (per dimension or summed).
+  //   lse [B, D, 2] = (T, Lz) per element (acn_math.h; log p(z_d | mixture_d) = T - Lz), float32,
+  //   float64 for float64 inputs, saved for backward;
+  //   out = log p per dimension, or summed over D ([B]) when per_dim is false. With `code` given,
+  //   the KL estimate log q(z) - log p replaces log p in `out`: q = N(code, I), or with
+  //   `posterior_log_scale` [B, D] (only with code) N(code, diag(exp(2 posterior_log_scale))).
+  //   The log-scale comes last, with a default, so that calls written before it still work.
   m.def(
       "mixture_fwd(Tensor z, Tensor logits, Tensor means, Tensor log_scales, Tensor? code, "
-      "bool per_dim) -> (Tensor, Tensor)");
-  // Gradients of `out` given grad_out (shape of out): (dz, dlogits, dmeans, dlog_scales, dcode);
-  // dcode is an empty tensor when code is None. Recomputes responsibilities from the inputs and lse.
+      "bool per_dim, Tensor? posterior_log_scale=None) -> (Tensor, Tensor)");
+  // Gradients of `out` given grad_out (shape of out), in one pass:
+  //   (dz, dlogits, dmeans, dlog_scales, dcode, dposterior_log_scale); dcode is an empty tensor
+  //   when code is None, dposterior_log_scale when posterior_log_scale is None. Recomputes the
+  //   responsibilities from the inputs and lse.
   m.def(
       "mixture_bwd(Tensor grad_out, Tensor z, Tensor logits, Tensor means, Tensor log_scales, "
-      "Tensor? code, Tensor lse, bool per_dim) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? code, Tensor lse, bool per_dim, Tensor? posterior_log_scale=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Masked top-k: (dists [B, k], indices [B, k] int64); see docs/design.md for masks, ties, padding.
   m.def(
       "masked_topk(Tensor queries, Tensor bank, int k, Tensor? exclude_mask, "

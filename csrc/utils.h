@@ -26,7 +26,8 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 
 // Argument checks shared by every backend's binding; messages name the argument.
 void check_mixture_args(const at::Tensor& z, const at::Tensor& logits, const at::Tensor& means,
-                        const at::Tensor& log_scales, const c10::optional<at::Tensor>& code);
+                        const at::Tensor& log_scales, const c10::optional<at::Tensor>& code,
+                        const c10::optional<at::Tensor>& posterior_log_scale);
 
 void check_masked_topk_args(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                      const c10::optional<at::Tensor>& exclude_mask,

@@ -189,13 +189,15 @@ _SM90_COMPILE = textwrap.dedent("""
             narrow_strides=sorted(narrow))), flush=True)
 
     def mixture():
-        for dt, has_code, per_dim, (d, m) in [("fp32", True, False, (16, 3)), ("bf16", False, True, (40, 17))]:
+        for dt, has_code, has_scale, per_dim, (d, m) in [("fp32", True, True, False, (16, 3)),
+                                                         ("bf16", False, False, True, (40, 17))]:
             bb, bd, bm = tm._blocks(d, m, False)
-            consts = dict(HAS_CODE=has_code, PER_DIM=per_dim, BLOCK_B=bb, BLOCK_D=bd, BLOCK_M=bm)
-            ins = {n: "*" + dt for n in ("z_ptr", "lg_ptr", "mu_ptr", "ls_ptr", "code_ptr")}
+            consts = dict(HAS_CODE=has_code, HAS_SCALE=has_scale, PER_DIM=per_dim, BLOCK_B=bb, BLOCK_D=bd,
+                          BLOCK_M=bm)
+            ins = {n: "*" + dt for n in ("z_ptr", "lg_ptr", "mu_ptr", "ls_ptr", "code_ptr", "pls_ptr")}
             build(tm._mixture_fwd_kernel, {**ins, "out_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "D": "i32",
                                            "M": "i32", "d_per_prog": "i32"}, consts, 4)
-            grads = {n: "*" + dt for n in ("dz_ptr", "dlg_ptr", "dmu_ptr", "dls_ptr", "dcode_ptr")}
+            grads = {n: "*" + dt for n in ("dz_ptr", "dlg_ptr", "dmu_ptr", "dls_ptr", "dcode_ptr", "dpls_ptr")}
             build(tm._mixture_bwd_kernel, {"grad_ptr": "*fp32", **ins, "lse_ptr": "*fp32", **grads, "B": "i32",
                                            "D": "i32", "M": "i32"}, consts, 4)
         print(json.dumps(dict(name="mixture")), flush=True)

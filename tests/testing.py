@@ -375,18 +375,30 @@ def assert_topk_close(got, want, q, bank, rtol: float) -> None:
 # mixture results
 
 
-MIXTURE_KINDS = ["log_prob", "log_prob_per_dim", "acn_kl"]
-"""mixture_log_prob [B], mixture_log_prob(per_dim=True) [B, D], acn_kl [B]."""
+MIXTURE_KINDS = ["log_prob", "log_prob_per_dim", "acn_kl", "acn_kl_scale"]
+"""mixture_log_prob [B], mixture_log_prob(per_dim=True) [B, D], acn_kl [B] with the unit
+posterior and with a posterior log-scale (:func:`posterior_log_scale`) [B]."""
+
+
+def posterior_log_scale(code: torch.Tensor) -> torch.Tensor:
+    """The posterior log-scale of the "acn_kl_scale" kind, [B, D] in [-2, 2] (scales 0.14 to 7.4),
+    code's dtype, device and strides: a fixed function of code, so that every input set (and
+    every change a test makes to one) carries its own."""
+    return 2.0 * torch.sin(3.0 * code)
 
 
 def op_inputs(kind: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The arguments of ``kind`` from mixture_inputs' [z, logits, means, log_scales, code]."""
     z, lg, mu, ls, code = inputs
+    if kind == "acn_kl_scale":
+        return [z, code, lg, mu, ls, posterior_log_scale(code)]
     return [z, code, lg, mu, ls] if kind == "acn_kl" else [z, lg, mu, ls]
 
 
 def mixture_op(kind: str, backend: str) -> Callable[..., torch.Tensor]:
     """The public function of ``kind`` on ``backend``, taking :func:`op_inputs`' arguments."""
+    if kind == "acn_kl_scale":
+        return lambda *t: acn_kernels.acn_kl(*t[:5], posterior_log_scale=t[5], backend=backend)
     if kind == "acn_kl":
         return lambda *t: acn_kernels.acn_kl(*t, backend=backend)
     return lambda *t: acn_kernels.mixture_log_prob(*t, per_dim=kind == "log_prob_per_dim", backend=backend)
@@ -399,9 +411,11 @@ def mixture_result_scale(kind: str, args64: list[torch.Tensor]) -> torch.Tensor 
     if kind == "log_prob_per_dim":
         return None
     z, *rest = args64
-    if kind == "acn_kl":
-        code, lg, mu, ls = rest
-        terms = (0.5 * (z - code) ** 2 + reference.HALF_LOG_2PI).abs() + \
+    if kind in ("acn_kl", "acn_kl_scale"):
+        code, lg, mu, ls = rest[:4]
+        pls = rest[4] if kind == "acn_kl_scale" else torch.zeros_like(z)
+        v = (z - code) * torch.exp(-pls)
+        terms = 0.5 * v * v + reference.HALF_LOG_2PI + pls.abs() + \
             reference.mixture_log_prob(z, lg, mu, ls, per_dim=True).abs()
     else:
         terms = reference.mixture_log_prob(z, *rest, per_dim=True).abs()
@@ -431,8 +445,9 @@ def check_mixture(kind: str, backend: str, inputs: list[torch.Tensor]):
     acc = reference.acc_dtype(dtype)
     assert out.dtype == acc and out.shape == ref.shape, (out.dtype, out.shape)
     assert_close(out, ref, rtol=RTOL[acc], scale=mixture_result_scale(kind, args64), msg=f"{kind} value")
-    names = ("dz", "dcode", "dlogits", "dmeans", "dlog_scales") if kind == "acn_kl" else \
-        ("dz", "dlogits", "dmeans", "dlog_scales")
+    names = {"acn_kl": ("dz", "dcode", "dlogits", "dmeans", "dlog_scales"),
+             "acn_kl_scale": ("dz", "dcode", "dlogits", "dmeans", "dlog_scales", "dposterior_log_scale")}.get(
+                 kind, ("dz", "dlogits", "dmeans", "dlog_scales"))
     s = mixture_grad_scale(ref_grads)
     for name, g, want in zip(names, grads, ref_grads, strict=True):
         assert g.dtype == dtype and g.shape == want.shape, (name, g.dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels of the mixture log-likelihood (forward, backward) and of the ACN KL on top of it.
+"""Triton kernels of the mixture log-likelihood (forward, backward) and of the ACN KL on top of it
+(the posterior q = N(code, I), or N(code, diag(exp(2 posterior_log_scale))) with its log-scale).
 
 The math is csrc/include/acn_math.h, written once more in Triton: for element (b, d) and component m
 
@@ -10,7 +11,10 @@ with ``lse[b, d] = (T, Lz)`` saved for the backward, which takes s again and rec
 responsibilities r_m = exp(t_m - T) and weights w_m = exp(l_m - Lz) from the inputs (docs/design.md,
 "mixture_log_prob and acn_kl").
 The shift s comes first so that T - Lz does not cancel at large logits (T and Lz are then of the
-size of log p and log M, not of the logits).
+size of log p and log M, not of the logits). The KL's log q per dimension is acn::gaussian_log_prob,
+(-0.5 v^2 - 0.5 log(2 pi)) - s_q with v = (z - code) * exp(-s_q), and its gradients
+acn::gaussian_grads, in the same pass as the mixture's; without a log-scale the kernels compile
+the unit posterior (s_q = 0) as it always was.
 
 Work split: a program owns a [BLOCK_B, BLOCK_D] tile of elements and walks the components in
 chunks of BLOCK_M with an online (max-subtracted) log-sum-exp, so any M runs in fixed registers.
@@ -75,9 +79,9 @@ def _lse_finish(mx, s):
 
 @triton.jit
 def _mixture_fwd_kernel(
-    z_ptr, lg_ptr, mu_ptr, ls_ptr, code_ptr, out_ptr, lse_ptr,
+    z_ptr, lg_ptr, mu_ptr, ls_ptr, code_ptr, pls_ptr, out_ptr, lse_ptr,
     B, D, M, d_per_prog,
-    HAS_CODE: tl.constexpr, PER_DIM: tl.constexpr,
+    HAS_CODE: tl.constexpr, HAS_SCALE: tl.constexpr, PER_DIM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     rb = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -114,7 +118,12 @@ def _mixture_fwd_kernel(
         v = big_t - lz
         if HAS_CODE:
             ec = zz - tl.load(code_ptr + e, mask=emask, other=0.0).to(tl.float32)
-            v = (-0.5 * ec * ec - _HALF_LOG_2PI) - v
+            if HAS_SCALE:
+                lsq = tl.load(pls_ptr + e, mask=emask, other=0.0).to(tl.float32)
+                vq = ec * tl.exp(-lsq)  # a tiny posterior scale overflows vq: log q -> -inf, the limit
+                v = ((-0.5 * vq * vq - _HALF_LOG_2PI) - lsq) - v
+            else:
+                v = (-0.5 * ec * ec - _HALF_LOG_2PI) - v
         if PER_DIM:
             tl.store(out_ptr + e, v, mask=emask)
         else:
@@ -125,10 +134,10 @@ def _mixture_fwd_kernel(
 
 @triton.jit
 def _mixture_bwd_kernel(
-    grad_ptr, z_ptr, lg_ptr, mu_ptr, ls_ptr, code_ptr, lse_ptr,
-    dz_ptr, dlg_ptr, dmu_ptr, dls_ptr, dcode_ptr,
+    grad_ptr, z_ptr, lg_ptr, mu_ptr, ls_ptr, code_ptr, pls_ptr, lse_ptr,
+    dz_ptr, dlg_ptr, dmu_ptr, dls_ptr, dcode_ptr, dpls_ptr,
     B, D, M,
-    HAS_CODE: tl.constexpr, PER_DIM: tl.constexpr,
+    HAS_CODE: tl.constexpr, HAS_SCALE: tl.constexpr, PER_DIM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     rb = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -142,7 +151,7 @@ def _mixture_bwd_kernel(
         g_row = tl.load(grad_ptr + rb, mask=rb < B, other=0.0)
         g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + g_row[:, None]
     if HAS_CODE:
-        g = -g  # KL = log N(z; code, I) - log p
+        g = -g  # KL = log q(z) - log p
     big_t = tl.load(lse_ptr + 2 * e, mask=emask, other=0.0)
     lz = tl.load(lse_ptr + 2 * e + 1, mask=emask, other=0.0)
     # A dimension whose every term is -inf has log p = -inf and, by contract, zero gradients.
@@ -174,8 +183,16 @@ def _mixture_bwd_kernel(
     if HAS_CODE:
         ec = zz - tl.load(code_ptr + e, mask=emask, other=0.0).to(tl.float32)
         go = -g
-        gz -= go * ec  # d/dz log N(z; c, 1) = -(z - c)
-        tl.store(dcode_ptr + e, (go * ec).to(dcode_ptr.dtype.element_ty), mask=emask)
+        if HAS_SCALE:
+            # d log q / d(z, code, s_q) = (-v / s, v / s, v^2 - 1), v = (z - code) / s (acn::gaussian_grads)
+            inv_q = tl.exp(-tl.load(pls_ptr + e, mask=emask, other=0.0).to(tl.float32))
+            vq = ec * inv_q
+            gc = go * vq * inv_q
+            tl.store(dpls_ptr + e, (go * (vq * vq - 1.0)).to(dpls_ptr.dtype.element_ty), mask=emask)
+        else:
+            gc = go * ec  # d/dz log N(z; c, 1) = -(z - c)
+        gz -= gc
+        tl.store(dcode_ptr + e, gc.to(dcode_ptr.dtype.element_ty), mask=emask)
     tl.store(dz_ptr + e, gz.to(dz_ptr.dtype.element_ty), mask=emask)
 
 
@@ -197,8 +214,8 @@ def _blocks(D: int, M: int, interpret: bool) -> tuple[int, int, int]:
     return block_b, block_d, block_m
 
 
-def _check_args(z, logits, means, log_scales, code) -> None:
-    check_mixture(z, logits, means, log_scales, code)
+def _check_args(z, logits, means, log_scales, code, posterior_log_scale) -> None:
+    check_mixture(z, logits, means, log_scales, code, posterior_log_scale=posterior_log_scale)
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"z has dtype {z.dtype}: the triton backend supports float32, float16 and bfloat16 "
@@ -215,21 +232,25 @@ def triton_mixture_fwd(
     log_scales: torch.Tensor,
     code: torch.Tensor | None,
     per_dim: bool,
+    posterior_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused mixture forward (schema of ``acn_kernels::mixture_fwd`` in csrc/ops.cpp).
 
     Args:
-        z: [B, D]; logits, means, log_scales: [B, D, M]; code: optional [B, D]. All float32,
-            float16 or bfloat16, one dtype, on a CUDA device (or the CPU under TRITON_INTERPRET=1).
+        z: [B, D]; logits, means, log_scales: [B, D, M]; code: optional [B, D];
+            posterior_log_scale: optional [B, D], only with code. All float32, float16 or
+            bfloat16, one dtype, on a CUDA device (or the CPU under TRITON_INTERPRET=1).
         per_dim: return per-dimension values [B, D] instead of row sums [B].
 
     Returns:
         (out, lse): out [B] or [B, D] float32 = log p(z), or with ``code`` the KL estimate
-        log N(z; code, I) - log p(z); lse [B, D, 2] float32 = (T, Lz) per element, for the backward.
+        log q(z) - log p(z), q = N(code, I) or N(code, diag(exp(2 posterior_log_scale)));
+        lse [B, D, 2] float32 = (T, Lz) per element, for the backward.
     """
-    _check_args(z, logits, means, log_scales, code)
+    _check_args(z, logits, means, log_scales, code, posterior_log_scale)
     z, logits, means, log_scales = (t.contiguous() for t in (z, logits, means, log_scales))
     code_c = code.contiguous() if code is not None else z
+    pls_c = posterior_log_scale.contiguous() if posterior_log_scale is not None else z
     B, D = z.shape
     M = logits.shape[2]
     out = _testing.new_output((B, D) if per_dim else (B,), torch.float32, z.device)
@@ -240,8 +261,8 @@ def triton_mixture_fwd(
     if B > 0 and grid[1] > 0:
         with device_ctx(z.device):
             _mixture_fwd_kernel[grid](
-                z, logits, means, log_scales, code_c, out, lse, B, D, M, d_per_prog,
-                HAS_CODE=code is not None, PER_DIM=per_dim,
+                z, logits, means, log_scales, code_c, pls_c, out, lse, B, D, M, d_per_prog,
+                HAS_CODE=code is not None, HAS_SCALE=posterior_log_scale is not None, PER_DIM=per_dim,
                 BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
             )
     return out, lse
@@ -257,21 +278,26 @@ def triton_mixture_bwd(
     code: torch.Tensor | None,
     lse: torch.Tensor,
     per_dim: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused mixture backward (schema of ``acn_kernels::mixture_bwd``).
+    posterior_log_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused mixture backward (schema of ``acn_kernels::mixture_bwd``), one pass.
 
     Args:
         grad_out: gradient of ``out`` ([B], or [B, D] with per_dim); z, logits, means, log_scales,
-            code as in :func:`triton_mixture_fwd`; lse: the [B, D, 2] float32 tensor it returned.
+            code, posterior_log_scale as in :func:`triton_mixture_fwd`; lse: the [B, D, 2]
+            float32 tensor it returned.
 
     Returns:
-        (dz [B, D], dlogits, dmeans, dlog_scales [B, D, M], dcode [B, D], or an empty tensor when
-        code is None), in the input dtype. Recomputes the responsibilities from the inputs and
-        lse; allocates nothing but the gradients.
+        (dz [B, D], dlogits, dmeans, dlog_scales [B, D, M], dcode [B, D], dposterior_log_scale
+        [B, D]; each of the last two an empty tensor when its input is None), in the input dtype.
+        Recomputes the responsibilities from the inputs and lse; allocates nothing but the
+        gradients.
     """
-    _check_args(z, logits, means, log_scales, code)
+    _check_args(z, logits, means, log_scales, code, posterior_log_scale)
     z, logits, means, log_scales = (t.contiguous() for t in (z, logits, means, log_scales))
     code_c = code.contiguous() if code is not None else z
+    has_scale = posterior_log_scale is not None
+    pls_c = posterior_log_scale.contiguous() if has_scale else z
     B, D = z.shape
     M = logits.shape[2]
     if lse.shape != (B, D, 2) or lse.dtype != torch.float32:
@@ -287,17 +313,18 @@ def triton_mixture_bwd(
     dmu = _testing.new_output(logits.shape, z.dtype, z.device)
     dls = _testing.new_output(logits.shape, z.dtype, z.device)
     dcode = _testing.new_output(z.shape if code is not None else (0,), z.dtype, z.device)
+    dpls = _testing.new_output(z.shape if has_scale else (0,), z.dtype, z.device)
     block_b, block_d, block_m = _blocks(D, M, z.device.type == "cpu")
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
     if B > 0 and D > 0:
         with device_ctx(z.device):
             _mixture_bwd_kernel[grid](
-                grad, z, logits, means, log_scales, code_c, lse, dz, dlg, dmu, dls,
-                dcode if code is not None else dz, B, D, M,
-                HAS_CODE=code is not None, PER_DIM=per_dim,
+                grad, z, logits, means, log_scales, code_c, pls_c, lse, dz, dlg, dmu, dls,
+                dcode if code is not None else dz, dpls if has_scale else dz, B, D, M,
+                HAS_CODE=code is not None, HAS_SCALE=has_scale, PER_DIM=per_dim,
                 BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
             )
-    return dz, dlg, dmu, dls, dcode
+    return dz, dlg, dmu, dls, dcode, dpls
 
 
 registration.register_mixture("acn_kernels::triton_mixture_fwd", "acn_kernels::triton_mixture_bwd")

@@ -1,4 +1,6 @@
-// CPU kernels of the mixture log-likelihood (forward and backward) and the ACN KL on top of it.
+// CPU kernels of the mixture log-likelihood (forward and backward) and the ACN KL on top of it,
+// with the unit posterior N(code, I) or a diagonal one (its log-scale pls), whose per-element
+// terms (acn::gaussian_log_prob, acn::gaussian_grads) join the mixture's in the same pass.
 //
 // Work split: at::parallel_for over rows b; a task's rows are one run of elements (b, d), cut into
 // blocks of kLanes consecutive elements (across row boundaries) that are processed lane-wise (the
@@ -292,14 +294,62 @@ struct TailStage {
   }
 };
 
+// The posterior's log q (acn::gaussian_log_prob) of n consecutive elements, to lq. Lane loops of
+// their own: inside the scalar loop that adds row sums, the exp kept them scalar and cost more
+// than the PyTorch composition it replaces. Without pls the unit posterior with literal
+// log-scale 0 and inverse scale 1, which fold away: the expression of -0.5 (z - c)^2 -
+// log(2 pi) / 2 as before the log-scale existed, contracted alike.
+template <typename scalar_t>
+ACN_BODY void posterior_log_prob(int64_t n, const scalar_t* z, const scalar_t* c, const scalar_t* pls,
+                                 at::opmath_type<scalar_t>* lq) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (pls) {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      const acc_t s = static_cast<acc_t>(pls[l]);
+      lq[l] = acn::gaussian_log_prob(static_cast<acc_t>(z[l]), static_cast<acc_t>(c[l]), s, acn::acn_exp(-s));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l)
+      lq[l] = acn::gaussian_log_prob(static_cast<acc_t>(z[l]), static_cast<acc_t>(c[l]), acc_t(0), acc_t(1));
+  }
+}
+
+// The posterior's gradients (acn::gaussian_grads) of n consecutive elements, given the KL's
+// upstream gradient go: added to gz (dlog q / dz), written to dc and (with pls) dpls.
+template <typename scalar_t>
+ACN_BODY void posterior_grads(int64_t n, const at::opmath_type<scalar_t>* go, const scalar_t* z,
+                              const scalar_t* c, const scalar_t* pls, at::opmath_type<scalar_t>* gz,
+                              scalar_t* dc, scalar_t* dpls) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (pls) {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      acc_t d, q;
+      gz[l] += acn::gaussian_grads(go[l], static_cast<acc_t>(z[l]), static_cast<acc_t>(c[l]),
+                                   acn::acn_exp(-static_cast<acc_t>(pls[l])), &d, &q);
+      dc[l] = static_cast<scalar_t>(d);
+      dpls[l] = static_cast<scalar_t>(q);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      acc_t d, q;  // inverse scale 1: exactly g (z - c), as before the log-scale existed
+      gz[l] += acn::gaussian_grads(go[l], static_cast<acc_t>(z[l]), static_cast<acc_t>(c[l]), acc_t(1), &d, &q);
+      dc[l] = static_cast<scalar_t>(d);
+    }
+  }
+}
+
 // Rows b0 .. b1 as one run of elements e = b * D + d: blocks take kLanes consecutive elements
 // across row boundaries, so only the run's last block can be partial (a per-row block split left
 // D % 16 lanes idle in every row: a third of the work at D = 24, 13/16 at D = 3). Row sums
 // still add a row's values in order of d.
 template <typename scalar_t, bool kFlat>
 ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg, const scalar_t* mu,
-              const scalar_t* ls, const scalar_t* code, at::opmath_type<scalar_t>* out,
-              at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
+              const scalar_t* ls, const scalar_t* code, const scalar_t* pls,
+              at::opmath_type<scalar_t>* out, at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M, e_end = b1 * D;
   if (D == 0) {
@@ -318,12 +368,13 @@ ACN_BODY void fwd_rows(const MixtureArgs& a, const scalar_t* z, const scalar_t* 
       tail.load(z + e0, {lg + e0 * M, mu + e0 * M, ls + e0 * M}, n);
       fwd_block<scalar_t, kFlat>(M, n, tail.z(), tail.param(0), tail.param(1), tail.param(2), bt, lz);
     }
+    acc_t lq[kLanes];
+    if (code) posterior_log_prob(n, z + e0, code + e0, pls ? pls + e0 : nullptr, lq);
     for (int64_t l = 0; l < n; ++l) {
       lse[2 * (e0 + l)] = bt[l];
       lse[2 * (e0 + l) + 1] = lz[l];
-      const acc_t zz = static_cast<acc_t>(z[e0 + l]);
       acc_t v = bt[l] - lz[l];
-      if (code) v = acn::std_normal_log_prob(zz, static_cast<acc_t>(code[e0 + l])) - v;
+      if (code) v = lq[l] - v;
       if (a.per_dim) {
         out[e0 + l] = v;
       } else {
@@ -411,8 +462,9 @@ ACN_BODY void bwd_block(int64_t M, int64_t n, const at::opmath_type<scalar_t>* g
 template <typename scalar_t, bool kFlat>
 ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad, const scalar_t* z,
               const scalar_t* lg, const scalar_t* mu, const scalar_t* ls, const scalar_t* code,
-              const at::opmath_type<scalar_t>* lse, scalar_t* dz, scalar_t* dlg, scalar_t* dmu,
-              scalar_t* dls, scalar_t* dcode, int64_t b0, int64_t b1) {
+              const scalar_t* pls, const at::opmath_type<scalar_t>* lse, scalar_t* dz,
+              scalar_t* dlg, scalar_t* dmu, scalar_t* dls, scalar_t* dcode, scalar_t* dpls,
+              int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D, M = a.M, e_end = b1 * D;  // blocks as in fwd_rows
   TailStage<scalar_t> tail(e_end - b0 * D, M);
@@ -424,7 +476,7 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
     acc_t g[kLanes] = {}, gz[kLanes], bt[kLanes] = {}, lz[kLanes] = {};
     for (int64_t l = 0; l < n; ++l) {
       const acc_t go = a.per_dim ? grad[e0 + l] : grad[b];
-      g[l] = code ? -go : go;  // KL = log N(z; c, I) - log p
+      g[l] = code ? -go : go;  // KL = log q(z) - log p
       bt[l] = lse[2 * (e0 + l)];
       lz[l] = lse[2 * (e0 + l) + 1];
       if (++d == D) {
@@ -444,15 +496,14 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
       std::copy(tg + kLanes * M, tg + kLanes * M + n * M, dmu + e0 * M);
       std::copy(tg + 2 * kLanes * M, tg + 2 * kLanes * M + n * M, dls + e0 * M);
     }
-    for (int64_t l = 0; l < n; ++l) {
-      if (code) {
-        const acc_t e = static_cast<acc_t>(z[e0 + l]) - static_cast<acc_t>(code[e0 + l]);
-        const acc_t go = -g[l];
-        gz[l] -= go * e;  // d/dz log N(z; c, 1) = -(z - c)
-        dcode[e0 + l] = static_cast<scalar_t>(go * e);
-      }
-      dz[e0 + l] = static_cast<scalar_t>(gz[l]);
+    if (code) {
+      acc_t go[kLanes];  // the KL's upstream gradient (g is that of log p, negated)
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) go[l] = -g[l];
+      posterior_grads(n, go, z + e0, code + e0, pls ? pls + e0 : nullptr, gz, dcode + e0,
+                      pls ? dpls + e0 : nullptr);
     }
+    for (int64_t l = 0; l < n; ++l) dz[e0 + l] = static_cast<scalar_t>(gz[l]);
   }
 }
 
@@ -462,18 +513,19 @@ ACN_BODY void bwd_rows(const MixtureArgs& a, const at::opmath_type<scalar_t>* gr
   template <typename scalar_t>                                                                    \
   TARGET void fwd_rows_##SUFFIX(const MixtureArgs& a, const scalar_t* z, const scalar_t* lg,      \
                                 const scalar_t* mu, const scalar_t* ls, const scalar_t* code,     \
-                                at::opmath_type<scalar_t>* out, at::opmath_type<scalar_t>* lse,   \
-                                int64_t b0, int64_t b1) {                                         \
-    fwd_rows<scalar_t, TR>(a, z, lg, mu, ls, code, out, lse, b0, b1);                                 \
+                                const scalar_t* pls, at::opmath_type<scalar_t>* out,              \
+                                at::opmath_type<scalar_t>* lse, int64_t b0, int64_t b1) {         \
+    fwd_rows<scalar_t, TR>(a, z, lg, mu, ls, code, pls, out, lse, b0, b1);                        \
   }                                                                                               \
   template <typename scalar_t>                                                                    \
   TARGET void bwd_rows_##SUFFIX(const MixtureArgs& a, const at::opmath_type<scalar_t>* grad,      \
                                 const scalar_t* z, const scalar_t* lg, const scalar_t* mu,        \
-                                const scalar_t* ls, const scalar_t* code,                         \
+                                const scalar_t* ls, const scalar_t* code, const scalar_t* pls,    \
                                 const at::opmath_type<scalar_t>* lse, scalar_t* dz,               \
                                 scalar_t* dlg, scalar_t* dmu, scalar_t* dls, scalar_t* dcode,     \
-                                int64_t b0, int64_t b1) {                                         \
-    bwd_rows<scalar_t, TR>(a, grad, z, lg, mu, ls, code, lse, dz, dlg, dmu, dls, dcode, b0, b1);      \
+                                scalar_t* dpls, int64_t b0, int64_t b1) {                         \
+    bwd_rows<scalar_t, TR>(a, grad, z, lg, mu, ls, code, pls, lse, dz, dlg, dmu, dls, dcode, dpls, \
+                           b0, b1);                                                               \
   }
 ACN_ROWS_VARIANT(avx512, ACN_TARGET_AVX512,
                  (std::is_same<scalar_t, float>::value && ACN_HAVE_TRANSPOSE))
@@ -488,12 +540,14 @@ std::tuple<at::Tensor, at::Tensor> mixture_fwd_cpu(const at::Tensor& z_, const a
                                                    const at::Tensor& means_,
                                                    const at::Tensor& log_scales_,
                                                    const c10::optional<at::Tensor>& code_,
-                                                   bool per_dim) {
-  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
+                                                   bool per_dim,
+                                                   const c10::optional<at::Tensor>& pls_) {
+  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_, pls_);
   TORCH_CHECK(z_.device().is_cpu(), "z must be a CPU tensor for the cpu backend");
   const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
              ls = log_scales_.contiguous();
   const at::Tensor code = code_.has_value() ? code_->contiguous() : at::Tensor();
+  const at::Tensor pls = pls_.has_value() ? pls_->contiguous() : at::Tensor();
   const MixtureArgs a{z.size(0), z.size(1), lg.size(2), per_dim};
   const auto opts = z.options().dtype(acn::acc_dtype(z.scalar_type()));
   at::Tensor out = per_dim ? acn::new_output({a.B, a.D}, opts) : acn::new_output({a.B}, opts);
@@ -501,25 +555,27 @@ std::tuple<at::Tensor, at::Tensor> mixture_fwd_cpu(const at::Tensor& z_, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mixture_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pp = pls.defined() ? pls.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
       auto* f = acn::cpu_isa() == acn::Isa::kAvx512 ? &fwd_rows_avx512<scalar_t>
                 : acn::cpu_isa() == acn::Isa::kAvx2 ? &fwd_rows_avx2<scalar_t>
                                       : &fwd_rows_base<scalar_t>;
       f(a, z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-        ls.data_ptr<scalar_t>(), cp, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b0, b1);
+        ls.data_ptr<scalar_t>(), cp, pp, out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b0, b1);
     });
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& z_, const at::Tensor& logits_,
     const at::Tensor& means_, const at::Tensor& log_scales_, const c10::optional<at::Tensor>& code_,
-    const at::Tensor& lse_, bool per_dim) {
-  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_);
+    const at::Tensor& lse_, bool per_dim, const c10::optional<at::Tensor>& pls_) {
+  acn::check_mixture_args(z_, logits_, means_, log_scales_, code_, pls_);
   const auto z = z_.contiguous(), lg = logits_.contiguous(), mu = means_.contiguous(),
              ls = log_scales_.contiguous();
   const at::Tensor code = code_.has_value() ? code_->contiguous() : at::Tensor();
+  const at::Tensor pls = pls_.has_value() ? pls_->contiguous() : at::Tensor();
   const MixtureArgs a{z.size(0), z.size(1), lg.size(2), per_dim};
   const auto acc = acn::acc_dtype(z.scalar_type());
   TORCH_CHECK(lse_.sizes() == at::IntArrayRef({a.B, a.D, 2}) && lse_.scalar_type() == acc,
@@ -533,21 +589,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_b
   at::Tensor dmu = acn::new_output(lg.sizes(), lg.options());
   at::Tensor dls = acn::new_output(lg.sizes(), lg.options());
   at::Tensor dcode = code.defined() ? acn::new_output(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor dpls = pls.defined() ? acn::new_output(z.sizes(), z.options()) : at::empty({0}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mixture_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* cp = code.defined() ? code.data_ptr<scalar_t>() : nullptr;
     scalar_t* dcp = code.defined() ? dcode.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pp = pls.defined() ? pls.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dpp = pls.defined() ? dpls.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, a.B, grain_rows(a.D, a.M), [&](int64_t b0, int64_t b1) {
       auto* f = acn::cpu_isa() == acn::Isa::kAvx512 ? &bwd_rows_avx512<scalar_t>
                 : acn::cpu_isa() == acn::Isa::kAvx2 ? &bwd_rows_avx2<scalar_t>
                                       : &bwd_rows_base<scalar_t>;
       f(a, grad.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), lg.data_ptr<scalar_t>(),
-        mu.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), cp, lse.data_ptr<acc_t>(),
+        mu.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), cp, pp, lse.data_ptr<acc_t>(),
         dz.data_ptr<scalar_t>(), dlg.data_ptr<scalar_t>(), dmu.data_ptr<scalar_t>(),
-        dls.data_ptr<scalar_t>(), dcp, b0, b1);
+        dls.data_ptr<scalar_t>(), dcp, dpp, b0, b1);
     });
   });
-  return {dz, dlg, dmu, dls, dcode};
+  return {dz, dlg, dmu, dls, dcode, dpls};
 }
 
 }  // namespace

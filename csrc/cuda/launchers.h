@@ -21,20 +21,22 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 // ---------------------------------------------------------------------------------------------
 // Mixture log-likelihood (csrc/cpu/mixture.cpp is the spec in code).
 
-// z [B, D]; logits/means/log_scales [B, D, M]; code [B, D] or nullptr.
+// z [B, D]; logits/means/log_scales [B, D, M]; code [B, D] or nullptr; pls (the posterior's
+// log-scale) [B, D] or nullptr, only with code.
 // Writes lse [B, D, 2] (acc: T, Lz) and out (acc): [B, D] if per_dim, else [B].
 cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z,
                         const void* logits, const void* means, const void* log_scales,
-                        const void* code, bool per_dim, void* out, void* lse, cudaStream_t stream);
+                        const void* code, const void* pls, bool per_dim, void* out, void* lse,
+                        cudaStream_t stream);
 
 // grad (acc): [B, D] if per_dim, else [B]; lse (acc) [B, D, 2] from mixture_fwd.
-// Writes dz [B, D], dlogits/dmeans/dlog_scales [B, D, M] and, when code is given, dcode [B, D],
-// all in the input dtype.
+// Writes dz [B, D], dlogits/dmeans/dlog_scales [B, D, M], when code is given dcode [B, D] and
+// when pls is given dpls [B, D], all in the input dtype.
 cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* grad,
                         const void* z, const void* logits, const void* means,
-                        const void* log_scales, const void* code, const void* lse, bool per_dim,
-                        void* dz, void* dlogits, void* dmeans, void* dlog_scales, void* dcode,
-                        cudaStream_t stream);
+                        const void* log_scales, const void* code, const void* pls,
+                        const void* lse, bool per_dim, void* dz, void* dlogits, void* dmeans,
+                        void* dlog_scales, void* dcode, void* dpls, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Masked top-k (contract: docs/design.md, "masked_topk"; scheme: the top of masked_topk.cu).

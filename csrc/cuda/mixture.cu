@@ -1,4 +1,5 @@
-// CUDA kernels of the mixture log-likelihood (forward, backward) and the ACN KL on top of it.
+// CUDA kernels of the mixture log-likelihood (forward, backward) and the ACN KL on top of it,
+// with the unit posterior N(code, I) or a diagonal one (its log-scale pls).
 // The per-element formulas are those of include/acn_math.h, shared with the CPU kernel
 // (csrc/cpu/mixture.cpp, the spec in code); only the work split differs. The parameters are
 // [B, D, M] with m fastest, so both kernels give each element (b, d) a group of P lanes
@@ -50,7 +51,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     mixture_fwd_kernel(int64_t B, int64_t D, int64_t M, int P, const scalar_t* __restrict__ z,
                        const scalar_t* __restrict__ lg, const scalar_t* __restrict__ mu,
                        const scalar_t* __restrict__ ls, const scalar_t* __restrict__ code,
-                       bool per_dim, acc_type_t<scalar_t>* __restrict__ out,
+                       const scalar_t* __restrict__ pls, bool per_dim,
+                       acc_type_t<scalar_t>* __restrict__ out,
                        acc_type_t<scalar_t>* __restrict__ lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int lane = threadIdx.x % 32, j = lane % P;
@@ -89,7 +91,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const acc_t big_t = lse_finish(sht, group_sum(st, P));
       const acc_t lz = lse_finish(acc_t(0), group_sum(sl, P));  // the shifted logits' maximum is 0
       acc_t v = big_t - lz;
-      if (code) v = std_normal_log_prob(zz, to_acc(code[e])) - v;
+      if (code) {
+        // The unit posterior with literal (0, 1): the same operations as before pls existed.
+        const acc_t c = to_acc(code[e]);
+        const acc_t lsq = pls ? to_acc(pls[e]) : acc_t(0);
+        v = (pls ? gaussian_log_prob(zz, c, lsq, acn_exp(-lsq))
+                 : gaussian_log_prob(zz, c, acc_t(0), acc_t(1))) - v;
+      }
       if (on && j == 0) {
         lse[2 * e] = big_t;
         lse[2 * e + 1] = lz;
@@ -111,10 +119,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     mixture_bwd_kernel(int64_t B, int64_t D, int64_t M, int P, const acc_type_t<scalar_t>* __restrict__ grad,
                        const scalar_t* __restrict__ z, const scalar_t* __restrict__ lg,
                        const scalar_t* __restrict__ mu, const scalar_t* __restrict__ ls,
-                       const scalar_t* __restrict__ code, const acc_type_t<scalar_t>* __restrict__ lse,
-                       bool per_dim, scalar_t* __restrict__ dz, scalar_t* __restrict__ dlg,
+                       const scalar_t* __restrict__ code, const scalar_t* __restrict__ pls,
+                       const acc_type_t<scalar_t>* __restrict__ lse, bool per_dim,
+                       scalar_t* __restrict__ dz, scalar_t* __restrict__ dlg,
                        scalar_t* __restrict__ dmu, scalar_t* __restrict__ dls,
-                       scalar_t* __restrict__ dcode) {
+                       scalar_t* __restrict__ dcode, scalar_t* __restrict__ dpls) {
   using acc_t = acc_type_t<scalar_t>;
   const int lane = threadIdx.x % 32, j = lane % P;
   const int groups = 32 / P, g = lane / P;
@@ -128,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int64_t p = e * M;
     const acc_t zz = to_acc(z[e]);
     const acc_t go = per_dim ? grad[e] : grad[e / D];
-    const acc_t gs = code ? -go : go;  // KL = log N(z; c, I) - log p
+    const acc_t gs = code ? -go : go;  // KL = log q(z) - log p
     const acc_t big_t = lse[2 * e], lz = lse[2 * e + 1];
     acc_t mxl = -inf_v<acc_t>();  // the logits' shift, as in the forward
     for (int64_t m = j; m < M; m += P) mxl = max_of(mxl, to_acc(lg[p + m]));
@@ -147,9 +156,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     gz = group_sum(gz, P);
     if (on && j == 0) {
       if (code) {
-        const acc_t err = zz - to_acc(code[e]);
-        gz -= go * err;  // d/dz log N(z; c, 1) = -(z - c)
-        dcode[e] = from_acc<scalar_t>(go * err);
+        // The posterior's gradients in the same pass; pls is uniform over the grid (no
+        // divergence), and the literal inv_s = 1 keeps the unit posterior's operations as before.
+        const acc_t c = to_acc(code[e]);
+        acc_t dc, dq;
+        if (pls) {
+          gz += gaussian_grads(go, zz, c, acn_exp(-to_acc(pls[e])), &dc, &dq);
+          dpls[e] = from_acc<scalar_t>(dq);
+        } else {
+          gz += gaussian_grads(go, zz, c, acc_t(1), &dc, &dq);
+        }
+        dcode[e] = from_acc<scalar_t>(dc);
       }
       dz[e] = from_acc<scalar_t>(gz);
     }
@@ -167,7 +184,8 @@ int lanes_per_element(int64_t M) {
 
 cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z,
                         const void* logits, const void* means, const void* log_scales,
-                        const void* code, bool per_dim, void* out, void* lse, cudaStream_t stream) {
+                        const void* code, const void* pls, bool per_dim, void* out, void* lse,
+                        cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
   return dispatch_dtype(dt, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -176,17 +194,17 @@ cudaError_t mixture_fwd(DType dt, int64_t B, int64_t D, int64_t M, const void* z
     mixture_fwd_kernel<scalar_t><<<grid_for(B * 32, kThreads), kThreads, 0, stream>>>(
         B, D, M, lanes_per_element(M), static_cast<const scalar_t*>(z), static_cast<const scalar_t*>(logits),
         static_cast<const scalar_t*>(means), static_cast<const scalar_t*>(log_scales),
-        static_cast<const scalar_t*>(code), per_dim, static_cast<acc_t*>(out),
-        static_cast<acc_t*>(lse));
+        static_cast<const scalar_t*>(code), static_cast<const scalar_t*>(pls), per_dim,
+        static_cast<acc_t*>(out), static_cast<acc_t*>(lse));
     return cudaGetLastError();
   });
 }
 
 cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* grad,
                         const void* z, const void* logits, const void* means,
-                        const void* log_scales, const void* code, const void* lse, bool per_dim,
-                        void* dz, void* dlogits, void* dmeans, void* dlog_scales, void* dcode,
-                        cudaStream_t stream) {
+                        const void* log_scales, const void* code, const void* pls,
+                        const void* lse, bool per_dim, void* dz, void* dlogits, void* dmeans,
+                        void* dlog_scales, void* dcode, void* dpls, cudaStream_t stream) {
   if (B * D <= 0) return cudaSuccess;
   return dispatch_dtype(dt, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -196,9 +214,10 @@ cudaError_t mixture_bwd(DType dt, int64_t B, int64_t D, int64_t M, const void* g
         B, D, M, P, static_cast<const acc_t*>(grad), static_cast<const scalar_t*>(z),
         static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(means),
         static_cast<const scalar_t*>(log_scales), static_cast<const scalar_t*>(code),
-        static_cast<const acc_t*>(lse), per_dim, static_cast<scalar_t*>(dz),
-        static_cast<scalar_t*>(dlogits), static_cast<scalar_t*>(dmeans),
-        static_cast<scalar_t*>(dlog_scales), static_cast<scalar_t*>(dcode));
+        static_cast<const scalar_t*>(pls), static_cast<const acc_t*>(lse), per_dim,
+        static_cast<scalar_t*>(dz), static_cast<scalar_t*>(dlogits),
+        static_cast<scalar_t*>(dmeans), static_cast<scalar_t*>(dlog_scales),
+        static_cast<scalar_t*>(dcode), static_cast<scalar_t*>(dpls));
     return cudaGetLastError();
   });
 }

@@ -180,11 +180,27 @@ ACN_HD T component_grads(T g, T z, T logit, T shift, T mu, T log_s, T big_t, T l
   return -dm;
 }
 
-// log N(z; c, 1) per dimension, for the KL: log N(z; c, I) - log p(z).
+// The posterior q of the KL, per dimension: log N(z; c, sigma^2) with sigma = exp(log_s), given
+// inv_s = exp(-log_s); KL = log q(z) - log p(z). v = (z - c) * inv_s, not a division by sigma:
+// a tiny sigma overflows v to inf and log q to -inf, the limit, instead of inf / inf. log_s is
+// subtracted last, so that the unit posterior N(c, 1) (log_s = 0, inv_s = 1) is the same IEEE
+// operations as -0.5 e^2 - log(2 pi) / 2 even where the compiler contracts into FMAs (CUDA).
 template <typename T>
-ACN_HD T std_normal_log_prob(T z, T c) {
-  const T e = z - c;
-  return -T(0.5) * e * e - Constants<T>::half_log_2pi;
+ACN_HD T gaussian_log_prob(T z, T c, T log_s, T inv_s) {
+  const T v = (z - c) * inv_s;
+  return (-T(0.5) * v * v - Constants<T>::half_log_2pi) - log_s;
+}
+
+// Gradients of g * log N(z; c, sigma^2) (g the upstream gradient of the KL): d/dc = g v / sigma
+// to *dc, d/dlog_s = g (v^2 - 1) to *dlog_s; returns d/dz = -g v / sigma. The kernels call it
+// with a literal inv_s = 1 for the unit posterior, where it folds to g (z - c) exactly.
+template <typename T>
+ACN_HD T gaussian_grads(T g, T z, T c, T inv_s, T* dc, T* dlog_s) {
+  const T v = (z - c) * inv_s;
+  const T gc = g * v * inv_s;
+  *dc = gc;
+  *dlog_s = g * (v * v - T(1));
+  return -gc;
 }
 
 }  // namespace acn

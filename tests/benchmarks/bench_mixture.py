@@ -18,10 +18,11 @@ import math
 
 import pytest
 import torch
-from conftest import device_marks, gpu_grid, grid, record_floor
-from testing import mixture_inputs
+from conftest import DEVICE, device_marks, gpu_grid, grid, record_floor
+from testing import mixture_inputs, posterior_log_scale
 
 import acn_kernels
+from acn_kernels import reference
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -103,3 +104,61 @@ def test_mixture(benchmark, floors, device, impl, mode, shape):
     step()  # warm-up (compiles torch.compile's graph, and the Triton kernels, outside the timing)
     result = benchmark(step) if device == "cpu" else benchmark.pedantic(step, rounds=20, warmup_rounds=2, iterations=1)
     assert result is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: acn_kl with a posterior log-scale. The fused op (one forward kernel, one backward)
+# against the composition it replaced (log q in PyTorch minus the fused mixture_log_prob, as
+# acn_kl computed it before), the eager torch KL and torch.compile of it. Self-contained (DEVICE
+# and grid from conftest only), one thread in BENCHMARKS.md (OMP_NUM_THREADS=1).
+
+KL_SHAPES = grid([(128, 16, 3), (1024, 32, 5), (4096, 32, 5), (1024, 64, 10)])
+
+
+def eager_kl(z, code, pls, logits, means, log_scales):
+    """The hand-written torch KL estimate: diagonal-Gaussian log q minus :func:`eager`'s log p."""
+    v = (z - code) * torch.exp(-pls)
+    return (-0.5 * v * v - HALF_LOG_2PI - pls).sum(-1) - eager(z, logits, means, log_scales)
+
+
+def kl_implementation(impl: str):
+    if impl == "torch_compile":
+        torch._dynamo.reset()
+        return torch.compile(eager_kl, dynamic=False)
+    if impl == "eager":
+        return eager_kl
+    backend = impl.removeprefix("acn_").removeprefix("unfused_")
+    if not acn_kernels.backends()[backend]:
+        pytest.skip(f"the {backend} backend cannot run here")
+    if impl.startswith("unfused_"):
+        return lambda z, code, pls, *mix: (reference.gaussian_log_prob(z, code, pls)
+                                           - acn_kernels.mixture_log_prob(z, *mix, backend=backend))
+    return lambda z, code, pls, *mix: acn_kernels.acn_kl(z, code, *mix, posterior_log_scale=pls, backend=backend)
+
+
+KL_IMPLS = [i for be in (["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]) for i in ("acn_" + be, "unfused_" + be)]
+KL_IMPLS += ["eager", "torch_compile"]
+
+
+@pytest.mark.parametrize("impl", KL_IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", KL_SHAPES, ids=lambda s: "B{}-D{}-M{}".format(*s))
+def test_acn_kl_posterior_log_scale(benchmark, impl, mode, shape):
+    b, d, m = shape
+    device = DEVICE
+    fn = kl_implementation(impl)
+    z, lg, mu, ls, code = mixture_inputs(b, d, m, seed=0, device=device, log_scales=(-1.0, 0.0))
+    args = [t.requires_grad_(mode == "fwd+bwd") for t in (z, code, posterior_log_scale(code), lg, mu, ls)]
+    benchmark.group = f"acn_kl posterior_log_scale {mode} B={b} D={d} M={m} {device}"
+    benchmark.extra_info.update(op="acn_kl_scale", mode=mode, B=b, D=d, M=m, impl=impl, device=device)
+
+    def step():
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            out = fn(*args)
+            result = torch.autograd.grad(out.sum(), args) if mode == "fwd+bwd" else out
+        if device == "cuda":
+            torch.cuda.synchronize()  # the kernels' time, not their launch
+        return result
+
+    step()  # warm-up (compiles torch.compile's graph, and the Triton kernels, outside the timing)
+    assert benchmark(step) is not None
