@@ -488,6 +488,28 @@ __device__ __forceinline__ float query_limit(int state, float tau, float nx, flo
   return __fmul_rn(-v, 0.5f);
 }
 
+// One warp's finiteness, squared norm and L1 norm of a row of D values (lanes over the dimensions,
+// then a butterfly, so every lane holds the results): the band's inputs for bank rows and queries.
+template <typename scalar_t>
+__device__ __forceinline__ bool warp_row_norms(const scalar_t* x, int64_t D, int lane, float* sq, float* l1) {
+  bool fin = true;
+  float s = 0.0f, a = 0.0f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float v = to_acc(x[d]);
+    fin = fin && isfinite(v);
+    s += v * v;
+    a += fabsf(v);
+  }
+  fin = __all_sync(0xffffffffu, fin);
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+  }
+  *sq = s;
+  *l1 = a;
+  return fin;
+}
+
 // 1. Per row: h_b (NaN marks a row no query may pair with: masked or not finite) and, per chunk of
 // kRowChunk rows, the number of eligible rows. One warp per row, lanes over the dimensions (the
 // norms may be summed in any order, docs/filter-band.md).
@@ -503,19 +525,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r0 = int64_t(blockIdx.x) * kRowChunk, r1 = min(N, r0 + kRowChunk);
   int eligible = 0;
   for (int64_t r = r0 + warp; r < r1; r += kThreads / 32) {
-    bool fin = true;
-    float s = 0.0f, l1 = 0.0f;
-    for (int64_t d = lane; d < D; d += 32) {
-      const float x = to_acc(bank[r * D + d]);
-      fin = fin && isfinite(x);
-      s += x * x;
-      l1 += fabsf(x);
-    }
-    fin = __all_sync(0xffffffffu, fin);
-    for (int o = 16; o > 0; o >>= 1) {
-      s += __shfl_xor_sync(0xffffffffu, s, o);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-    }
+    float s, l1;
+    const bool fin = warp_row_norms(bank + r * D, D, lane, &s, &l1);
     if (lane == 0) {
       const bool ok = fin && !(exclude_mask && exclude_mask[r]);
       h_all[r] = ok ? row_term(s, l1, band) : __int_as_float(0x7fffffff);
@@ -943,19 +954,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   // Per query: norms, finiteness and safety (one warp per query), the initial threshold.
   for (int q = warp; q < QT; q += kTcWarps) {
     const scalar_t* x = reinterpret_cast<const scalar_t*>(s.qrows) + q * swe;
-    bool fin = true;
-    float sq = 0.0f, l1 = 0.0f;
-    for (int64_t d = lane; d < a.D; d += 32) {
-      const float v = to_acc(x[d]);
-      fin = fin && isfinite(v);
-      sq += v * v;
-      l1 += fabsf(v);
-    }
-    fin = __all_sync(0xffffffffu, fin);
-    for (int o = 16; o > 0; o >>= 1) {
-      sq += __shfl_xor_sync(0xffffffffu, sq, o);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-    }
+    float sq, l1;
+    const bool fin = warp_row_norms(x, a.D, lane, &sq, &l1);
     if (lane == 0) {
       const int st = (q < nq && fin) ? (sq < kSafeNorm ? kQueryOk : kQueryUnsafe) : kQueryNever;
       s.state[q] = st;
