@@ -216,6 +216,20 @@ def _limit(kth, nx, l1x, qstate, alpha, beta, eta, gamma0):
 
 
 @triton.jit
+def _lanes8(x, BQ: tl.constexpr, WC: tl.constexpr):
+    """The 8 lanes of a [BQ, WC, 8] tensor as eight [BQ, WC] tensors, lane 0 first: three tl.split
+    levels (even/odd lanes)."""
+    x02, x13 = tl.split(tl.reshape(x, [BQ, WC, 4, 2]))
+    x04, x26 = tl.split(tl.reshape(x02, [BQ, WC, 2, 2]))
+    x15, x37 = tl.split(tl.reshape(x13, [BQ, WC, 2, 2]))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _direct_dist(q_ptr, b_ptr, rq, qmask, rows, valid, D, stride_qb, stride_qd, stride_bn, stride_bd,
                  BQ: tl.constexpr, WC: tl.constexpr):
     """[BQ, WC] direct-form distances sum_d (q_d - b_d)^2 of query rq[i] and bank row rows[i, j]
@@ -244,22 +258,9 @@ def _direct_dist(q_ptr, b_ptr, rq, qmask, rows, valid, D, stride_qb, stride_qd, 
     bv = tl.load(b_ptr + bb + dd * stride_bd, mask=vm & tm, other=0.0).to(tl.float32)
     t = qv - bv
     t = t * t + (bv - bv)
-    # Lane l of an [.., 8] tensor as a [BQ, WC] tensor: three tl.split levels (even/odd lanes).
-    t02, t13 = tl.split(tl.reshape(t, [BQ, WC, 4, 2]))
-    t04, t26 = tl.split(tl.reshape(t02, [BQ, WC, 2, 2]))
-    t15, t37 = tl.split(tl.reshape(t13, [BQ, WC, 2, 2]))
-    t0, t4 = tl.split(t04)
-    t2, t6 = tl.split(t26)
-    t1, t5 = tl.split(t15)
-    t3, t7 = tl.split(t37)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _lanes8(t, BQ, WC)
     tail = ((((((t0 + t1) + t2) + t3) + t4) + t5) + t6) + t7
-    s02, s13 = tl.split(tl.reshape(s, [BQ, WC, 4, 2]))
-    s04, s26 = tl.split(tl.reshape(s02, [BQ, WC, 2, 2]))
-    s15, s37 = tl.split(tl.reshape(s13, [BQ, WC, 2, 2]))
-    s0, s4 = tl.split(s04)
-    s2, s6 = tl.split(s26)
-    s1, s5 = tl.split(s15)
-    s3, s7 = tl.split(s37)
+    s0, s1, s2, s3, s4, s5, s6, s7 = _lanes8(s, BQ, WC)
     dist = (((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))) + tail
     return tl.where(dist == float("inf"), _FLT_MAX, dist)
 
